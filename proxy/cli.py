@@ -1,0 +1,136 @@
+"""``rerank-proxy``: the command line, and the only place that reads ``os.environ``.
+
+Every configuration option gets a ``--<section>-<key>`` flag generated from the dataclasses in
+:mod:`proxy.config`, so flags, environment variables, YAML keys and docs can never drift apart.
+Start-up problems (a bad option, a model that will not load, a busy port) end the process with one
+readable line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from .config import ALIASES, ENV_PREFIX, SECTIONS, Config, ConfigError, load_config, mask_url, option_keys
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace(".", "-").replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rerank-proxy",
+        description="Elasticsearch proxy that reranks _search hits with a transformer cross-encoder.",
+        epilog=f"Precedence: flags > {ENV_PREFIX}<SECTION>_<KEY> environment variables > --config "
+        "YAML file > defaults.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration file (see config/default.yaml).")
+    parser.add_argument(
+        "--print-config", action="store_true", help="Print the effective configuration and exit."
+    )
+    parser.add_argument("--upstream", dest="alias_upstream", metavar="URL", help="Short for --upstream-url.")
+    for key, f in option_keys():
+        parser.add_argument(_flag(key), dest=key, metavar="VALUE", help=f"{f.metadata['help']} [{key}]")
+    return parser
+
+
+def _yaml_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def render_default_yaml() -> str:
+    """The commented default configuration, one entry per option; config/default.yaml is this text."""
+    lines = [
+        "# rerank-proxy configuration: every option with its default.",
+        f"# Override with {ENV_PREFIX}<SECTION>_<KEY> environment variables or --<section>-<key> flags.",
+        "",
+    ]
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            value = _yaml_value(f.default)
+            text = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
+            text = text[1:-1] if text.startswith("{") else text
+            lines.append(f"  # {f.metadata['help']}")
+            lines.append(f"  {text}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_config(cfg: Config) -> str:
+    data = {
+        s: {f.name: _yaml_value(getattr(getattr(cfg, s), f.name)) for f in dataclasses.fields(cls)}
+        for s, cls in SECTIONS.items()
+    }
+    data["upstream"]["url"] = mask_url(cfg.upstream.url)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def parse(argv: Sequence[str] | None, env: dict[str, str]) -> tuple[Config, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    overrides = {key: getattr(args, key) for key, _ in option_keys() if getattr(args, key) is not None}
+    for alias, key in ALIASES.items():
+        value = getattr(args, f"alias_{alias}")
+        if value is not None:
+            overrides.setdefault(key, value)
+    return load_config(args.config, env, overrides), args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg, args = parse(argv, dict(os.environ))
+    except ConfigError as exc:
+        print(f"rerank-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(render_config(cfg), end="")
+        return 0
+
+    logging.basicConfig(
+        level=cfg.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from aiohttp import web
+
+    from .app import create_app
+    from .scorer import ModelLoadError
+
+    log = logging.getLogger("proxy")
+    log.info(
+        "rerank-proxy on http://%s:%d -> %s (model %s)",
+        cfg.server.host,
+        cfg.server.port,
+        mask_url(cfg.upstream.url),
+        cfg.rerank.model if cfg.rerank.enabled else "disabled",
+    )
+    try:
+        web.run_app(
+            create_app(cfg),
+            host=cfg.server.host,
+            port=cfg.server.port,
+            print=None,
+            # No headers in access logs: Authorization and ApiKey values must never reach a log.
+            access_log_format='%a "%r" %s %b %Tfs',
+        )
+    except ModelLoadError as exc:
+        print(f"rerank-proxy: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(
+            f"rerank-proxy: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The proxy's configuration: declared once, validated once, at start-up.
+
+Every option lives in one frozen dataclass per section. The ``help`` metadata of a field is the one
+description of that option: ``--help``, ``config/default.yaml`` and the README say the same thing.
+Sources, lowest to highest precedence: built-in defaults, a YAML file, ``RERANK_PROXY_<SECTION>_<KEY>``
+environment variables, ``--<section>-<key>`` command-line flags. Nothing is read from the environment
+at import time; :func:`load_config` is given the environment it should look at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+ENV_PREFIX = "RERANK_PROXY_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or invalid; the message names the key."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = _opt("127.0.0.1", "Address the proxy listens on (0.0.0.0 in containers).")
+    port: int = _opt(8000, "Port the proxy listens on; point Elasticsearch clients here.")
+    max_body_bytes: int = _opt(
+        100 * 1024 * 1024,
+        "Largest request body accepted, in bytes; larger ones get 413 (Elasticsearch's default).",
+    )
+    log_level: str = _opt("info", "Logging level: debug, info, warning or error.")
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, "server.port", self.port, "must be between 1 and 65535")
+        _check(self.max_body_bytes > 0, "server.max_body_bytes", self.max_body_bytes, "must be > 0")
+        _check(
+            self.log_level.lower() in {"debug", "info", "warning", "error"},
+            "server.log_level",
+            self.log_level,
+            "must be one of debug, info, warning, error",
+        )
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = _opt("http://localhost:9200", "Elasticsearch base URL (http or https).")
+    connect_timeout_s: float = _opt(5.0, "Seconds to wait for a connection to Elasticsearch.")
+    timeout_s: float = _opt(60.0, "Seconds to wait for Elasticsearch's whole answer before replying 504.")
+    max_connections: int = _opt(100, "Size of the connection pool to Elasticsearch.")
+    verify_certs: bool = _opt(True, "Verify Elasticsearch's TLS certificate (https only).")
+    ca_certs: str | None = _opt(None, "CA bundle file for Elasticsearch's certificate.")
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        _check(
+            parts.scheme in {"http", "https"} and bool(parts.hostname),
+            "upstream.url",
+            self.url,
+            "must be an http:// or https:// URL with a host",
+        )
+        _check(
+            self.connect_timeout_s > 0, "upstream.connect_timeout_s", self.connect_timeout_s, "must be > 0"
+        )
+        _check(self.timeout_s > 0, "upstream.timeout_s", self.timeout_s, "must be > 0")
+        _check(self.max_connections > 0, "upstream.max_connections", self.max_connections, "must be > 0")
+        if self.ca_certs is not None:
+            _check(Path(self.ca_certs).is_file(), "upstream.ca_certs", self.ca_certs, "file not found")
+
+    def __repr__(self) -> str:
+        return f"UpstreamConfig(url={mask_url(self.url)!r}, timeout_s={self.timeout_s!r})"
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    enabled: bool = _opt(True, "Rerank searches; false makes the proxy a plain pass-through.")
+    model: str = _opt(
+        "cross-encoder/msmarco-MiniLM-L6-en-de-v1",
+        "Cross-encoder: a Hugging Face model id or a local folder.",
+    )
+    field: tuple[str, ...] = _opt(
+        ("text",),
+        "Passage field(s) in _source (dotted paths); several are joined with a space.",
+    )
+    top_k: int = _opt(100, "How many of Elasticsearch's top hits are reranked.")
+    max_top_k: int = _opt(1000, "Upper bound for a per-request top_k override.")
+    query_path: str | None = _opt(
+        None,
+        "Dotted path of the query text in the search body (e.g. query.match.title.query); "
+        "empty means find it in the query DSL.",
+    )
+    max_length: int = _opt(256, "Tokens per (query, passage) pair; passages are truncated.")
+    batch_size: int = _opt(32, "Pairs per forward pass.")
+    device: str = _opt("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
+    timeout_ms: int = _opt(5000, "Milliseconds reranking may take; past it the original order is returned.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model.strip()), "rerank.model", self.model, "must not be empty")
+        _check(
+            len(self.field) > 0 and all(f.strip() for f in self.field),
+            "rerank.field",
+            self.field,
+            "must name at least one non-empty field",
+        )
+        _check(self.top_k >= 1, "rerank.top_k", self.top_k, "must be >= 1")
+        _check(self.max_top_k >= self.top_k, "rerank.max_top_k", self.max_top_k, "must be >= rerank.top_k")
+        _check(self.max_length >= 8, "rerank.max_length", self.max_length, "must be >= 8")
+        _check(self.batch_size >= 1, "rerank.batch_size", self.batch_size, "must be >= 1")
+        _check(self.timeout_ms >= 1, "rerank.timeout_ms", self.timeout_ms, "must be >= 1")
+        dev = self.device
+        _check(
+            dev in {"auto", "cpu", "cuda", "mps"} or (dev.startswith("cuda:") and dev[5:].isdigit()),
+            "rerank.device",
+            dev,
+            "must be auto, cpu, cuda, cuda:N or mps",
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "upstream": UpstreamConfig,
+    "rerank": RerankConfig,
+}
+
+# A short flag for the most common option, as in `rerank-proxy --upstream http://es:9200`.
+ALIASES = {"upstream": "upstream.url"}
+
+
+def _check(ok: bool, key: str, value: object, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why} (got {value!r})")
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced, safe for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def option_keys() -> list[tuple[str, dataclasses.Field[Any]]]:
+    """Every option as ('section.key', field), in declaration order."""
+    return [(f"{section}.{f.name}", f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _field_type(section: str, name: str) -> Any:
+    return typing.get_type_hints(SECTIONS[section])[name]
+
+
+def _coerce(key: str, value: Any, typ: Any, from_text: bool) -> Any:
+    """Turn a YAML value or an env/CLI string into the option's type, naming the key on failure."""
+    optional = False
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        optional, typ = True, args[0]
+    if value is None or (from_text and optional and value in ("", "null", "none")):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: must not be empty")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "on", "false", "0", "no", "off"}:
+            return value.lower() in {"true", "1", "yes", "on"}
+        raise ConfigError(f"{key}: expected true or false (got {value!r})")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer (got {value!r})")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer (got {value!r})")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number (got {value!r})")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string (got {value!r})")
+    if typing.get_origin(typ) is tuple:
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",")] if from_text else [value]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            items = list(value)
+        else:
+            raise ConfigError(f"{key}: expected a string or a list of strings (got {value!r})")
+        return tuple(items)
+    raise ConfigError(f"{key}: unsupported option type {typ!r}")  # pragma: no cover
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown configuration key '{key}'{hint}")
+
+
+def _from_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    flat: dict[str, Any] = {}
+    known = [k for k, _ in option_keys()]
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise _unknown(str(section), list(SECTIONS))
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{section}: expected a mapping of options (got {body!r})")
+        for name, value in body.items():
+            key = f"{section}.{name}"
+            if key not in known:
+                raise _unknown(key, known)
+            flat[key] = value
+    return flat
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, str]:
+    by_var = {ENV_PREFIX + key.replace(".", "_").upper(): key for key, _ in option_keys()}
+    flat: dict[str, str] = {}
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        if var == ENV_PREFIX + "CONFIG":
+            continue
+        if var not in by_var:
+            raise _unknown(var, list(by_var))
+        flat[by_var[var]] = value
+    return flat
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the one Config: defaults < YAML file < environment < overrides (CLI flags, as text)."""
+    env = env or {}
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = env[ENV_PREFIX + "CONFIG"]
+    layers: list[tuple[dict[str, Any], bool]] = []
+    if path is not None:
+        layers.append((_from_yaml(Path(path)), False))
+    layers.append((dict(_from_env(env)), True))
+    layers.append((dict(overrides or {}), True))
+
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    known = [k for k, _ in option_keys()]
+    for flat, from_text in layers:
+        for key, raw in flat.items():
+            if key not in known:
+                raise _unknown(key, known)
+            section, name = key.split(".", 1)
+            values[section][name] = _coerce(key, raw, _field_type(section, name), from_text)
+    return Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})

@@ -1,0 +1,227 @@
+"""Deciding, for one ``_search`` request, whether to rerank and what to ask Elasticsearch for.
+
+Pure functions on the parsed request: no I/O, so every rule here is tested without a server. The
+result is either a :class:`Passthrough` (with the reason the client will see in a header) or a
+:class:`RerankPlan` holding the widened upstream request and what is needed to cut the answer back to
+the client's window.
+
+Elasticsearch reads ``from``, ``size``, ``sort``, ``q`` and the ``_source`` parameters from the URL in
+preference to the body, so the URL is checked first everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from .config import RerankConfig
+from .errors import BadRequest
+from .query_text import extract_query_text, lucene_to_text, text_at_path
+from .source_filter import (
+    SOURCE_PARAMS,
+    SourceFilterError,
+    SourcePatch,
+    parse_source_filter,
+    plan_source,
+)
+
+# The reserved body key for per-request options; removed before the body reaches Elasticsearch.
+OVERRIDE_KEY = "_rerank"
+# Per-request option headers; never forwarded.
+HEADER_QUERY = "X-Rerank-Query"
+HEADER_FIELD = "X-Rerank-Field"
+HEADER_TOP_K = "X-Rerank-Top-K"
+HEADER_ENABLED = "X-Rerank-Enabled"
+OVERRIDE_HEADERS = (HEADER_QUERY, HEADER_FIELD, HEADER_TOP_K, HEADER_ENABLED)
+
+_SEARCH_PATH = re.compile(r"^/(?:[^/_][^/]*/)?_search/?$")
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+DEFAULT_SIZE = 10
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Per-request options a client may set; none of them can touch server settings."""
+
+    query: str | None = None
+    fields: tuple[str, ...] | None = None
+    top_k: int | None = None
+    enabled: bool | None = None
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """Forward the request unchanged; ``reason`` goes back in the ``X-Rerank-Reason`` header."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class RerankPlan:
+    query: str
+    fields: tuple[str, ...]
+    top_k: int
+    start: int
+    size: int
+    dropped_params: frozenset[str]
+    body: dict[str, Any]
+    source: SourcePatch | None
+
+
+def is_search_path(method: str, path: str) -> bool:
+    """``/_search`` and ``/{index}/_search``, where index may be a comma list, wildcard or alias."""
+    return method in ("GET", "POST") and _SEARCH_PATH.match(path) is not None
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise BadRequest(f"[{name}] must be true or false, got [{value}]")
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise BadRequest(f"[{name}] must be an integer, got [{value}]")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"[{name}] must be an integer, got [{value}]") from None
+    if number < minimum:
+        raise BadRequest(f"[{name}] must be >= {minimum}, got [{number}]")
+    return number
+
+
+def _fields(value: Any, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise BadRequest(f"[{name}] must be a field name or a list of field names")
+    if not items or not all(items):
+        raise BadRequest(f"[{name}] must not contain empty field names")
+    return tuple(items)
+
+
+def parse_overrides(headers: Mapping[str, str], body: dict[str, Any] | None) -> Overrides:
+    """Options from the ``X-Rerank-*`` headers, then from the body's ``_rerank`` object (which wins)."""
+    query = headers.get(HEADER_QUERY)
+    fields = _fields(headers[HEADER_FIELD], HEADER_FIELD) if HEADER_FIELD in headers else None
+    top_k = _int(headers[HEADER_TOP_K], HEADER_TOP_K, 1) if HEADER_TOP_K in headers else None
+    enabled = _bool(headers[HEADER_ENABLED], HEADER_ENABLED) if HEADER_ENABLED in headers else None
+    if query is not None:
+        query = unquote(query)  # headers are latin-1 on the wire: non-ASCII text comes %-encoded
+    raw = body.get(OVERRIDE_KEY) if body is not None else None
+    if raw is not None:
+        if not isinstance(raw, dict):
+            raise BadRequest(f"[{OVERRIDE_KEY}] must be an object")
+        unknown = set(raw) - {"query", "field", "top_k", "enabled"}
+        if unknown:
+            raise BadRequest(
+                f"[{OVERRIDE_KEY}] unknown option [{sorted(unknown)[0]}]; "
+                "expected query, field, top_k or enabled"
+            )
+        if "query" in raw:
+            if not isinstance(raw["query"], str):
+                raise BadRequest(f"[{OVERRIDE_KEY}.query] must be a string")
+            query = raw["query"]
+        if "field" in raw:
+            fields = _fields(raw["field"], f"{OVERRIDE_KEY}.field")
+        if "top_k" in raw:
+            top_k = _int(raw["top_k"], f"{OVERRIDE_KEY}.top_k", 1)
+        if "enabled" in raw:
+            enabled = _bool(raw["enabled"], f"{OVERRIDE_KEY}.enabled")
+    if query is not None and not query.strip():
+        raise BadRequest("the rerank query override must not be empty")
+    return Overrides(query, fields, top_k, enabled)
+
+
+def _is_score_sort(sort: Any) -> bool:
+    """True when a ``sort`` asks only for relevance order, which reranking refines."""
+    items = sort if isinstance(sort, list) else [sort]
+    for item in items:
+        if isinstance(item, str):
+            name, _, order = item.partition(":")
+            if name != "_score" or order not in ("", "desc"):
+                return False
+        elif isinstance(item, dict) and list(item) == ["_score"]:
+            spec = item["_score"]
+            order = spec.get("order", "desc") if isinstance(spec, dict) else spec
+            if order != "desc":
+                return False
+        else:
+            return False
+    return True
+
+
+def _url_sort_is_score(value: str) -> bool:
+    return all(_is_score_sort(part.strip()) for part in value.split(","))
+
+
+def plan_search(
+    params: Sequence[tuple[str, str]],
+    body: dict[str, Any] | None,
+    cfg: RerankConfig,
+    overrides: Overrides,
+) -> Passthrough | RerankPlan:
+    """Rerank, or say why not. ``body`` is the parsed JSON body with the override key removed."""
+    q = dict(params)
+    src = body or {}
+    if not cfg.enabled or overrides.enabled is False:  # a request can turn reranking off, never on
+        return Passthrough("disabled")
+    if "scroll" in q:
+        return Passthrough("scroll")
+    if src.get("search_after") is not None:
+        return Passthrough("search_after")
+    if src.get("pit") is not None:
+        return Passthrough("pit")
+    if "filter_path" in q:
+        return Passthrough("filter_path")
+    if q.get("stored_fields") == "_none_" or src.get("stored_fields") == "_none_":
+        return Passthrough("no_source")
+    size = _int(q["size"] if "size" in q else src.get("size", DEFAULT_SIZE), "size", 0)
+    start = _int(q["from"] if "from" in q else src.get("from", 0), "from", 0)
+    if size == 0:
+        return Passthrough("size_zero")
+    if "sort" in q:
+        if not _url_sort_is_score(q["sort"]):
+            return Passthrough("sort")
+    elif "sort" in src and not _is_score_sort(src["sort"]):
+        return Passthrough("sort")
+
+    query = overrides.query
+    if query is None and cfg.query_path:
+        query = text_at_path(src, cfg.query_path)
+    if query is None and q.get("q"):
+        query = lucene_to_text(q["q"]) or None
+    if query is None and not q.get("q"):
+        query = extract_query_text(src)
+    if query is None:
+        return Passthrough("no_query_text")
+
+    top_k = overrides.top_k if overrides.top_k is not None else cfg.top_k
+    if top_k > cfg.max_top_k:
+        raise BadRequest(f"[top_k] must be <= {cfg.max_top_k} (rerank.max_top_k), got [{top_k}]")
+    if start >= top_k:
+        return Passthrough("window_beyond_top_k")
+    fields = overrides.fields or cfg.field
+
+    try:
+        patch = plan_source(parse_source_filter(src.get("_source"), q), fields)
+    except SourceFilterError as exc:
+        raise BadRequest(str(exc)) from None
+
+    dropped = frozenset({"from", "size"} | (set(SOURCE_PARAMS) if patch else set()))
+    upstream_body = copy.deepcopy(src)
+    upstream_body["from"] = 0
+    upstream_body["size"] = max(top_k, start + size)
+    if patch is not None:
+        upstream_body["_source"] = patch.upstream.to_body()
+    return RerankPlan(query, fields, top_k, start, size, dropped, upstream_body, patch)

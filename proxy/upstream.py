@@ -1,0 +1,140 @@
+"""The one module that talks to Elasticsearch.
+
+It owns the pooled ``aiohttp.ClientSession`` and is the only place that sees aiohttp's client
+exceptions: they leave as :class:`UpstreamUnavailable` (502) or :class:`UpstreamTimeout` (504) with
+the cause kept. Cancellation is never swallowed. Bodies are relayed as bytes, never re-encoded, and
+responses are not decompressed, so pass-through answers are byte-for-byte Elasticsearch's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import UpstreamConfig, mask_url
+from .errors import UpstreamTimeout, UpstreamUnavailable
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus those the HTTP stacks on either side recompute.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
+
+
+@dataclass
+class UpstreamResponse:
+    """A fully read upstream answer (used where the proxy must look inside the body)."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+def forwardable(
+    headers: Mapping[str, str] | Iterable[tuple[str, str]], drop: Iterable[str] = ()
+) -> CIMultiDict[str]:
+    """Headers minus hop-by-hop ones and any named in ``drop`` (case-insensitive), order kept."""
+    skip = HOP_BY_HOP | {d.lower() for d in drop}
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return CIMultiDict((k, v) for k, v in items if k.lower() not in skip)
+
+
+class Upstream:
+    """Pooled client for one Elasticsearch URL; create inside a running loop, close with ``close``."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.base = cfg.url.rstrip("/")
+        self._cfg = cfg
+        ssl_ctx: ssl.SSLContext | bool = True
+        if cfg.url.startswith("https"):
+            if not cfg.verify_certs:
+                ssl_ctx = False
+            elif cfg.ca_certs:
+                ssl_ctx = ssl.create_default_context(cafile=cfg.ca_certs)
+        connector = aiohttp.TCPConnector(limit=cfg.max_connections, ssl=ssl_ctx)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=cfg.connect_timeout_s),
+            auto_decompress=False,  # relay content-encoding untouched
+            # Forward only what the client sent: no default User-Agent, Accept or Accept-Encoding.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    def __repr__(self) -> str:
+        return f"Upstream({mask_url(self.base)!r})"
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    def _url(self, path_qs: str) -> str:
+        return self.base + path_qs
+
+    @asynccontextmanager
+    async def stream(
+        self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The raw upstream response, for relaying without reading it all into memory."""
+        try:
+            async with self.session.request(
+                method, self._url(path_qs), headers=headers, data=body, allow_redirects=False
+            ) as resp:
+                yield resp
+        except asyncio.CancelledError:
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(f"Elasticsearch did not answer within {self._cfg.timeout_s}s") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                f"cannot reach Elasticsearch at {mask_url(self.base)}: {_why(exc)}"
+            ) from exc
+
+    async def request(
+        self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None
+    ) -> UpstreamResponse:
+        async with self.stream(method, path_qs, headers, body) as resp:
+            try:
+                data = await resp.read()
+            except asyncio.CancelledError:
+                raise
+            except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                raise UpstreamTimeout(f"Elasticsearch did not answer within {self._cfg.timeout_s}s") from exc
+            except aiohttp.ClientError as exc:
+                raise UpstreamUnavailable(f"Elasticsearch dropped the connection: {_why(exc)}") from exc
+            return UpstreamResponse(resp.status, resp.headers, data)
+
+    async def relay_chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """The response body as it arrives, with read errors translated like connect errors."""
+        try:
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                yield chunk
+        except asyncio.CancelledError:
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(f"Elasticsearch did not answer within {self._cfg.timeout_s}s") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"Elasticsearch dropped the connection: {_why(exc)}") from exc
+
+
+def _why(exc: BaseException) -> str:
+    text: Any = getattr(exc, "os_error", None) or exc
+    return str(text) or type(exc).__name__

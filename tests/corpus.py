@@ -1,0 +1,46 @@
+"""A small corpus for integration tests: enough overlapping words that a query matches ~30 docs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_TOPICS = [
+    ("coffee", "Coffee brewing", "Brewing coffee with a french press needs coarse grounds and four minutes"),
+    ("coffee", "Espresso basics", "Espresso coffee is brewed by forcing hot water through fine grounds"),
+    ("coffee", "Cold brew", "Cold brew coffee steeps coarse grounds in cold water for a full day"),
+    ("tea", "Green tea", "Green tea should be brewed with water below boiling for two minutes"),
+    ("tea", "Black tea", "Black tea is brewed with boiling water and steeped for four minutes"),
+    ("bread", "Sourdough", "Sourdough bread rises slowly with a wild yeast starter and water"),
+    ("bread", "Baguette", "A baguette is a long french bread with a crisp crust"),
+    ("search", "BM25", "BM25 ranks documents by term frequency and inverse document frequency"),
+    ("search", "Rerankers", "A cross encoder reranks the top documents of a first stage search"),
+    ("search", "Elasticsearch", "Elasticsearch is a search engine built on Apache Lucene"),
+]
+_EXTRAS = [
+    "a note on water temperature",
+    "tips for beginners at home",
+    "the history of the method",
+    "common mistakes and how to fix them",
+]
+
+
+def _docs() -> list[dict[str, Any]]:
+    docs = []
+    n = 0
+    for extra_i, extra in enumerate(_EXTRAS):
+        for tag, title, text in _TOPICS:
+            n += 1
+            docs.append(
+                {
+                    "id": str(n),
+                    "title": f"{title} {extra_i + 1}",
+                    "text": f"{text}, with {extra}.",
+                    "tag": tag,
+                    "year": 2000 + n,
+                    "meta": {"lang": "en", "summary": f"{title} summary"},
+                }
+            )
+    return docs
+
+
+DOCS = _docs()
