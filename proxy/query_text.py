@@ -29,6 +29,8 @@ _COMPOUND_SINGLE = {
 }
 _BOOL_SCORING = ("must", "should")
 
+# A negated clause (-term, !term, NOT term, with an optional field and a group or phrase).
+_LUCENE_NEGATED = re.compile(r'(?:(?<![\w\\])[-!]|\bNOT\s+)(?:[\w.*]+:)?(?:\([^)]*\)|"[^"]*"|\S+)')
 _LUCENE_FIELD = re.compile(r"(?<![\w\\])[\w.*]+:(?=\S)")
 _LUCENE_OPERATOR = re.compile(r"\b(?:AND|OR|NOT)\b|&&|\|\|")
 _LUCENE_SYNTAX = re.compile(r"[+\-!(){}\[\]^\"~*?\\/]")
@@ -68,7 +70,8 @@ def lucene_to_text(query: str) -> str:
 
     A cross-encoder reads natural language; field prefixes, operators and fuzziness marks are noise.
     """
-    text = _LUCENE_FIELD.sub(" ", query)
+    text = _LUCENE_NEGATED.sub(" ", query)  # words the user does not want are no query text
+    text = _LUCENE_FIELD.sub(" ", text)
     text = _LUCENE_FUZZ.sub(" ", text)
     text = _LUCENE_OPERATOR.sub(" ", text)
     text = _LUCENE_SYNTAX.sub(" ", text)

@@ -38,7 +38,7 @@ HEADER_TOP_K = "X-Rerank-Top-K"
 HEADER_ENABLED = "X-Rerank-Enabled"
 OVERRIDE_HEADERS = (HEADER_QUERY, HEADER_FIELD, HEADER_TOP_K, HEADER_ENABLED)
 
-_SEARCH_PATH = re.compile(r"^/(?:[^/_][^/]*/)?_search/?$")
+_SEARCH_PATH = re.compile(r"^/(?:(?:_all|[^/_][^/]*)/)?_search/?$")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 DEFAULT_SIZE = 10

@@ -21,9 +21,17 @@ from .source_filter import restore_hits
 
 
 def _at_path(source: Any, path: str) -> list[str]:
-    """Every string under a dotted path; lists (of values or of objects) are walked."""
-    nodes = [source]
-    for part in path.split("."):
+    """Every string under a dotted path; lists (of values or of objects) are walked.
+
+    A literal dotted key (``{"a.b": ...}``, which Elasticsearch indexes like an object path) is
+    looked up first.
+    """
+    if isinstance(source, dict) and path in source:
+        nodes = [source[path]]
+        path = ""
+    else:
+        nodes = [source]
+    for part in path.split(".") if path else []:
         nxt: list[Any] = []
         for node in nodes:
             if isinstance(node, list):

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .config import UpstreamConfig, mask_url
 from .errors import UpstreamTimeout, UpstreamUnavailable
@@ -86,8 +87,9 @@ class Upstream:
     async def close(self) -> None:
         await self.session.close()
 
-    def _url(self, path_qs: str) -> str:
-        return self.base + path_qs
+    def _url(self, path_qs: str) -> URL:
+        # encoded=True: the client's percent-encoding goes up byte for byte, never re-normalised.
+        return URL(self.base + path_qs, encoded=True)
 
     @asynccontextmanager
     async def stream(

@@ -108,7 +108,9 @@ async def test_async_client_gets_the_same_reranked_page(
     assert ids(resp) == expected_order(es, tiny_model, QUERY, query=query)[3:8]
 
 
-def test_pages_partition_the_reranked_list(es: Elasticsearch, via_proxy: Elasticsearch, tiny_model: Path) -> None:
+def test_pages_partition_the_reranked_list(
+    es: Elasticsearch, via_proxy: Elasticsearch, tiny_model: Path
+) -> None:
     query = {"bool": {"must": [{"match": {"text": QUERY}}], "filter": [{"term": {"tag": "coffee"}}]}}
     pages = [ids(via_proxy.search(index=INDEX, query=query, size=4, from_=f)) for f in (0, 4, 8)]
     expected = expected_order(es, tiny_model, QUERY, query=query)
@@ -191,7 +193,9 @@ def test_per_request_overrides(es: Elasticsearch, via_proxy: Elasticsearch, tiny
     assert ids(hdr) == ids(resp)
 
 
-def _raw(url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
+def _raw(
+    url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None
+) -> Any:
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
@@ -215,8 +219,9 @@ def _raw(url: str, method: str = "GET", body: bytes | None = None, headers: dict
         ("POST", f"/{INDEX}/_count", b'{"query": {"match": {"text": "tea"}}}'),
     ],
 )
-def test_passthrough_is_byte_equal(es_url: str, proxy: ProxyThread, es: Elasticsearch, method: str,
-                                   path: str, body: bytes | None) -> None:
+def test_passthrough_is_byte_equal(
+    es_url: str, proxy: ProxyThread, es: Elasticsearch, method: str, path: str, body: bytes | None
+) -> None:
     headers = {"Content-Type": "application/json"}
     d_status, d_headers, d_body = _raw(es_url + path, method, body, headers)
     p_status, p_headers, p_body = _raw(proxy.url + path, method, body, headers)
@@ -236,7 +241,9 @@ def test_compressed_answers_are_relayed_untouched(es_url: str, proxy: ProxyThrea
 def test_gzip_request_body_is_reranked(es: Elasticsearch, proxy: ProxyThread, tiny_model: Path) -> None:
     body = gzip.compress(b'{"query": {"match": {"text": "coffee brewed with water"}}, "size": 4}')
     status, headers, data = _raw(
-        f"{proxy.url}/{INDEX}/_search", "POST", body,
+        f"{proxy.url}/{INDEX}/_search",
+        "POST",
+        body,
         {"Content-Type": "application/json", "Content-Encoding": "gzip", "Accept-Encoding": "gzip"},
     )
     assert status == 200 and headers["x-rerank-status"] == "reranked"
@@ -254,8 +261,9 @@ def test_client_product_check_and_info_work(via_proxy: Elasticsearch, es: Elasti
 
 
 def test_writes_pass_through(via_proxy: Elasticsearch, es: Elasticsearch) -> None:
-    via_proxy.index(index="rerank-test-writes", id="a", document={"text": "written through the proxy"},
-                    refresh=True)
+    via_proxy.index(
+        index="rerank-test-writes", id="a", document={"text": "written through the proxy"}, refresh=True
+    )
     assert es.get(index="rerank-test-writes", id="a")["_source"]["text"] == "written through the proxy"
     via_proxy.indices.delete(index="rerank-test-writes")
     assert not es.indices.exists(index="rerank-test-writes")
@@ -264,8 +272,11 @@ def test_writes_pass_through(via_proxy: Elasticsearch, es: Elasticsearch) -> Non
 def test_client_with_http_compress(proxy: ProxyThread, es: Elasticsearch, tiny_model: Path) -> None:
     """http_compress=True gzips request bodies: bulk and search must both survive the proxy."""
     with Elasticsearch(proxy.url, http_compress=True) as client:
-        helpers.bulk(client, ({"_index": "rerank-test-gzip", "_id": str(i), "text": f"doc {i}"} for i in range(5)),
-                     refresh=True)
+        helpers.bulk(
+            client,
+            ({"_index": "rerank-test-gzip", "_id": str(i), "text": f"doc {i}"} for i in range(5)),
+            refresh=True,
+        )
         assert es.count(index="rerank-test-gzip")["count"] == 5
         client.indices.delete(index="rerank-test-gzip")
         resp = client.search(index=INDEX, query={"match": {"text": QUERY}}, size=4)

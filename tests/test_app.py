@@ -1,0 +1,303 @@
+"""HTTP edge cases against a scripted upstream: headers, failures, fallbacks, limits.
+
+The upstream here is an aiohttp app defined in the test that records what it was sent, so each test
+can check exactly what crossed the proxy in both directions. Behaviour against the real
+Elasticsearch is covered in test_integration.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+from proxy.app import create_app
+from proxy.config import Config, RerankConfig, ServerConfig, UpstreamConfig
+
+Hits = list[dict[str, Any]]
+
+
+def es_hits(n: int) -> Hits:
+    return [
+        {"_index": "i", "_id": str(i), "_score": float(n - i), "_source": {"text": f"passage {i}", "n": i}}
+        for i in range(n)
+    ]
+
+
+class FakeScorer:
+    """Deterministic scorer: longer passage id scores higher; can raise or stall on demand."""
+
+    name = "fake"
+
+    def __init__(self, fail: BaseException | None = None, delay: float = 0.0) -> None:
+        self.fail, self.delay = fail, delay
+        self.calls: list[tuple[str, list[str]]] = []
+
+    async def score(self, query: str, passages: Sequence[str]) -> list[float]:
+        self.calls.append((query, list(passages)))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        return [float(int(p.split()[-1])) for p in passages]  # reverses ES order
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Upstream:
+    """A scripted Elasticsearch: records requests, answers a search with ``n`` hits."""
+
+    def __init__(self, n: int = 30) -> None:
+        self.n = n
+        self.seen: list[dict[str, Any]] = []
+        self.stall = 0.0
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(
+            {
+                "method": request.method,
+                "path_qs": request.raw_path,
+                "headers": dict(request.headers),
+                "body": body,
+            }
+        )
+        if self.stall:
+            await asyncio.sleep(self.stall)
+        if request.path.endswith("_search"):
+            parsed = orjson.loads(body) if body else {}
+            hits = es_hits(self.n)[parsed.get("from", 0) : parsed.get("from", 0) + parsed.get("size", 10)]
+            payload = {
+                "took": 3,
+                "timed_out": False,
+                "_shards": {"total": 1},
+                "hits": {
+                    "total": {"value": self.n, "relation": "eq"},
+                    "max_score": float(self.n),
+                    "hits": hits,
+                },
+                "aggregations": {"a": {"value": 1}},
+            }
+            return web.Response(
+                body=orjson.dumps(payload),
+                content_type="application/json",
+                headers={"X-Elastic-Product": "Elasticsearch"},
+            )
+        return web.Response(
+            status=201, body=b"created", headers={"X-Elastic-Product": "Elasticsearch", "X-Custom": "kept"}
+        )
+
+
+Factory = Callable[..., Awaitable[tuple[TestClient[web.Request, web.Application], Upstream]]]
+
+
+@pytest.fixture
+async def make_proxy() -> Any:
+    made: list[Any] = []
+
+    async def make(
+        scorer: Any = None, *, upstream_url: str | None = None, n: int = 30, **rerank: Any
+    ) -> tuple[TestClient[web.Request, web.Application], Upstream]:
+        upstream = Upstream(n)
+        up_app = web.Application()
+        up_app.router.add_route("*", "/{tail:.*}", upstream.handler)
+        up_server = TestServer(up_app)
+        await up_server.start_server()
+        made.append(up_server)
+        url = upstream_url or str(up_server.make_url("")).rstrip("/")
+        cfg = Config(
+            server=ServerConfig(max_body_bytes=rerank.pop("max_body_bytes", 1024 * 1024)),
+            upstream=UpstreamConfig(url=url, timeout_s=rerank.pop("timeout_s", 5.0)),
+            rerank=RerankConfig(top_k=rerank.pop("top_k", 10), **rerank),
+        )
+        client = TestClient(TestServer(create_app(cfg, scorer=scorer or FakeScorer())))
+        await client.start_server()
+        made.append(client)
+        return client, upstream
+
+    yield make
+    for item in reversed(made):
+        await item.close()
+
+
+def ids(payload: dict[str, Any]) -> list[str]:
+    return [h["_id"] for h in payload["hits"]["hits"]]
+
+
+async def test_rerank_window_and_untouched_keys(make_proxy: Factory) -> None:
+    client, upstream = await make_proxy(top_k=10)
+    resp = await client.post("/i/_search?from=2&size=3", json={"query": {"match": {"text": "q"}}})
+    data = await resp.json()
+    assert resp.headers["X-Rerank-Status"] == "reranked"
+    assert ids(data) == ["7", "6", "5"]  # top 10 reversed by the fake scorer, then [2, 5)
+    assert data["hits"]["max_score"] == 9.0
+    assert data["aggregations"] == {"a": {"value": 1}} and data["took"] == 3
+    sent = orjson.loads(upstream.seen[-1]["body"])
+    assert (sent["from"], sent["size"]) == (0, 10)
+    assert "from=" not in upstream.seen[-1]["path_qs"] and "size=" not in upstream.seen[-1]["path_qs"]
+
+
+async def test_window_straddling_top_k_keeps_es_order_after_reranked(make_proxy: Factory) -> None:
+    client, upstream = await make_proxy(top_k=5)
+    resp = await client.post("/i/_search", json={"query": {"match": {"text": "q"}}, "from": 3, "size": 4})
+    data = await resp.json()
+    assert ids(data) == ["1", "0", "5", "6"]
+    assert [h["_score"] for h in data["hits"]["hits"]] == [1.0, 0.0, 25.0, 24.0]
+    assert orjson.loads(upstream.seen[-1]["body"])["size"] == 7
+
+
+async def test_headers_forwarded_and_stripped(make_proxy: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    client, upstream = await make_proxy()
+    secret = "ApiKey c2VjcmV0LWtleS12YWx1ZQ=="
+    raw_url = URL(f"http://{client.host}:{client.port}/i/_doc/1?refresh=true&routing=a%2Cb", encoded=True)
+    resp = await client.session.put(
+        raw_url,
+        data=b'{"text": "x"}',
+        headers={
+            "Authorization": secret,
+            "Content-Type": "application/json",
+            "Connection": "keep-alive",
+            "Keep-Alive": "timeout=5",
+            "X-Opaque-Id": "trace-1",
+            "Proxy-Authorization": "Basic eA==",
+        },
+    )
+    assert resp.status == 201 and await resp.read() == b"created"
+    assert resp.headers["X-Custom"] == "kept" and resp.headers["X-Elastic-Product"] == "Elasticsearch"
+    seen = upstream.seen[-1]
+    assert seen["method"] == "PUT" and seen["path_qs"] == "/i/_doc/1?refresh=true&routing=a%2Cb"
+    assert seen["body"] == b'{"text": "x"}'
+    assert seen["headers"]["Authorization"] == secret
+    assert seen["headers"]["X-Opaque-Id"] == "trace-1"
+    assert "Keep-Alive" not in seen["headers"] and "Proxy-Authorization" not in seen["headers"]
+    assert secret not in caplog.text and "c2VjcmV0" not in caplog.text
+
+
+async def test_override_headers_and_body_key_never_reach_upstream(make_proxy: Factory) -> None:
+    scorer = FakeScorer()
+    client, upstream = await make_proxy(scorer)
+    resp = await client.post(
+        "/i/_search",
+        json={"query": {"match": {"text": "q"}}, "_rerank": {"query": "caf\u00e9 au lait", "field": "text"}},
+        headers={"X-Rerank-Top-K": "4"},
+    )
+    assert resp.status == 200
+    assert scorer.calls[-1][0] == "caf\u00e9 au lait" and len(scorer.calls[-1][1]) == 4
+    assert "_rerank" not in orjson.loads(upstream.seen[-1]["body"])
+    assert not any(h.lower().startswith("x-rerank") for h in upstream.seen[-1]["headers"])
+
+
+async def test_bad_override_is_an_es_shaped_400(make_proxy: Factory) -> None:
+    client, upstream = await make_proxy()
+    resp = await client.post("/i/_search", json={"query": {"match": {"text": "q"}}, "_rerank": {"topk": 3}})
+    data = await resp.json()
+    assert resp.status == 400 and data["status"] == 400
+    assert data["error"]["type"] == "illegal_argument_exception" and "topk" in data["error"]["reason"]
+    assert data["error"]["root_cause"][0]["reason"] == data["error"]["reason"]
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize(
+    ("scorer", "reason"),
+    [
+        (FakeScorer(fail=RuntimeError("CUDA out of memory")), "rerank_error"),
+        (FakeScorer(delay=2.0), "rerank_timeout"),
+    ],
+)
+async def test_reranker_failure_returns_es_order(
+    make_proxy: Factory, scorer: FakeScorer, reason: str
+) -> None:
+    client, _ = await make_proxy(scorer, timeout_ms=200)
+    resp = await client.post("/i/_search?size=4&from=1", json={"query": {"match": {"text": "q"}}})
+    data = await resp.json()
+    assert resp.status == 200
+    assert resp.headers["X-Rerank-Status"] == "skipped" and resp.headers["X-Rerank-Reason"] == reason
+    assert ids(data) == ["1", "2", "3", "4"]
+    assert [h["_score"] for h in data["hits"]["hits"]] == [29.0, 28.0, 27.0, 26.0]
+
+
+async def test_upstream_unreachable_is_502(make_proxy: Factory) -> None:
+    client, _ = await make_proxy(upstream_url="http://127.0.0.1:9")  # discard port: nothing listens
+    for path in ("/i/_doc/1", "/i/_search?q=x"):
+        resp = await client.get(path)
+        data = await resp.json()
+        assert resp.status == 502 and data["status"] == 502
+        assert data["error"]["type"] == "upstream_unavailable_exception"
+        assert resp.headers["X-Elastic-Product"] == "Elasticsearch"
+
+
+async def test_upstream_timeout_is_504(make_proxy: Factory) -> None:
+    client, upstream = await make_proxy(timeout_s=0.3)
+    upstream.stall = 2.0
+    for path in ("/i/_doc/1", "/i/_search?q=x"):
+        resp = await client.get(path)
+        data = await resp.json()
+        assert resp.status == 504 and data["error"]["type"] == "upstream_timeout_exception"
+
+
+async def test_body_over_limit_is_413_and_not_forwarded(make_proxy: Factory) -> None:
+    client, upstream = await make_proxy(max_body_bytes=1000)
+    resp = await client.post("/_bulk", data=b"x" * 2000, headers={"Content-Type": "application/x-ndjson"})
+    data = await resp.json()
+    assert resp.status == 413 and data["status"] == 413 and "max_body_bytes" in data["error"]["reason"]
+
+    async def chunks() -> Any:  # no Content-Length: the limit must hold while streaming too
+        for _ in range(4):
+            yield b"y" * 400
+
+    resp = await client.post("/_bulk", data=chunks())
+    assert resp.status == 413
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "reason"),
+    [
+        ("/i/_search?format=yaml", {}, "unsupported_format"),
+        ("/i/_search", {"Accept": "application/smile"}, "unsupported_format"),
+        ("/i/_search?filter_path=hits.hits._id", {}, "filter_path"),
+    ],
+)
+async def test_formats_the_proxy_cannot_rewrite_pass_through(
+    make_proxy: Factory, path: str, headers: dict[str, str], reason: str
+) -> None:
+    scorer = FakeScorer()
+    client, upstream = await make_proxy(scorer)
+    body = b'{"query": {"match": {"text": "q"}}}'
+    resp = await client.post(path, data=body, headers={"Content-Type": "application/json", **headers})
+    assert resp.headers["X-Rerank-Reason"] == reason
+    assert upstream.seen[-1]["body"] == body and scorer.calls == []
+
+
+async def test_invalid_json_is_forwarded_verbatim(make_proxy: Factory) -> None:
+    client, upstream = await make_proxy()
+    resp = await client.post("/i/_search", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert resp.headers["X-Rerank-Reason"] == "invalid_body"
+    assert upstream.seen[-1]["body"] == b"{not json"
+
+
+async def test_other_requests_keep_flowing_while_the_model_works(make_proxy: Factory) -> None:
+    client, _ = await make_proxy(FakeScorer(delay=0.5))
+    search = asyncio.create_task(client.post("/i/_search?q=x"))
+    await asyncio.sleep(0.1)
+    started = asyncio.get_running_loop().time()
+    resp = await client.get("/i/_doc/1")
+    assert resp.status == 201 and asyncio.get_running_loop().time() - started < 0.4
+    assert (await search).headers["X-Rerank-Status"] == "reranked"
+
+
+async def test_compatible_with_accept_is_mirrored_on_content_type(make_proxy: Factory) -> None:
+    client, upstream = await make_proxy()
+    media = "application/vnd.elasticsearch+json; compatible-with=8"
+    await client.get("/i/_search?q=coffee", headers={"Accept": media})
+    assert upstream.seen[-1]["headers"]["Content-Type"] == media
+    assert upstream.seen[-1]["method"] == "GET"

@@ -1,0 +1,264 @@
+"""Rerank-or-passthrough decisions and the widened upstream request, without a server."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from proxy.config import RerankConfig
+from proxy.errors import BadRequest
+from proxy.search_plan import (
+    Overrides,
+    Passthrough,
+    RerankPlan,
+    is_search_path,
+    parse_overrides,
+    plan_search,
+)
+from proxy.source_filter import SourceFilter
+
+CFG = RerankConfig(top_k=20, max_top_k=50)
+MATCH = {"query": {"match": {"text": "red fox"}}}
+
+
+def plan(
+    body: dict[str, Any] | None = None,
+    params: dict[str, str] | None = None,
+    cfg: RerankConfig = CFG,
+    overrides: Overrides | None = None,
+) -> Passthrough | RerankPlan:
+    return plan_search(list((params or {}).items()), body, cfg, overrides or Overrides())
+
+
+def rerank(*args: Any, **kwargs: Any) -> RerankPlan:
+    result = plan(*args, **kwargs)
+    assert isinstance(result, RerankPlan), result
+    return result
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", "/_search", True),
+        ("POST", "/_search", True),
+        ("GET", "/idx/_search", True),
+        ("GET", "/a,b/_search", True),
+        ("POST", "/logs-*/_search", True),
+        ("GET", "/idx/_search/", True),
+        ("GET", "/_msearch", False),
+        ("GET", "/idx/_msearch", False),
+        ("GET", "/idx/_search/template", False),
+        ("GET", "/_search/scroll", False),
+        ("GET", "/idx/_doc/1", False),
+        ("GET", "/idx/_count", False),
+        ("GET", "/a/b/_search", False),
+        ("PUT", "/idx/_search", False),
+        ("DELETE", "/_search", False),
+    ],
+)
+def test_is_search_path(method: str, path: str, expected: bool) -> None:
+    assert is_search_path(method, path) is expected
+
+
+@pytest.mark.parametrize(
+    ("body", "params", "cfg", "overrides", "reason"),
+    [
+        (MATCH, {}, replace(CFG, enabled=False), Overrides(), "disabled"),
+        (MATCH, {}, replace(CFG, enabled=False), Overrides(enabled=True), "disabled"),
+        (MATCH, {}, CFG, Overrides(enabled=False), "disabled"),
+        (MATCH, {"scroll": "1m"}, CFG, Overrides(), "scroll"),
+        ({**MATCH, "search_after": [1.0, "x"]}, {}, CFG, Overrides(), "search_after"),
+        ({**MATCH, "pit": {"id": "abc"}}, {}, CFG, Overrides(), "pit"),
+        (MATCH, {"filter_path": "hits.hits._id"}, CFG, Overrides(), "filter_path"),
+        (MATCH, {"size": "0"}, CFG, Overrides(), "size_zero"),
+        ({**MATCH, "size": 0}, {}, CFG, Overrides(), "size_zero"),
+        (MATCH, {"sort": "date:desc"}, CFG, Overrides(), "sort"),
+        (MATCH, {"sort": "_score:desc,date:asc"}, CFG, Overrides(), "sort"),
+        (MATCH, {"sort": "_score:asc"}, CFG, Overrides(), "sort"),
+        ({**MATCH, "sort": "date"}, {}, CFG, Overrides(), "sort"),
+        ({**MATCH, "sort": ["date"]}, {}, CFG, Overrides(), "sort"),
+        ({**MATCH, "sort": [{"date": "desc"}]}, {}, CFG, Overrides(), "sort"),
+        ({**MATCH, "sort": [{"_score": "asc"}]}, {}, CFG, Overrides(), "sort"),
+        ({**MATCH, "sort": [{"_score": {"order": "asc"}}]}, {}, CFG, Overrides(), "sort"),
+        ({**MATCH, "sort": ["_score", "date"]}, {}, CFG, Overrides(), "sort"),
+        ({"query": {"term": {"status": "x"}}}, {}, CFG, Overrides(), "no_query_text"),
+        (None, {}, CFG, Overrides(), "no_query_text"),
+        (None, {"q": "*"}, CFG, Overrides(), "no_query_text"),
+        ({**MATCH, "from": 20}, {}, CFG, Overrides(), "window_beyond_top_k"),
+        (MATCH, {"from": "5"}, CFG, Overrides(top_k=5), "window_beyond_top_k"),
+    ],
+)
+def test_passthrough_reasons(
+    body: dict[str, Any] | None,
+    params: dict[str, str],
+    cfg: RerankConfig,
+    overrides: Overrides,
+    reason: str,
+) -> None:
+    assert plan(body, params, cfg, overrides) == Passthrough(reason)
+
+
+@pytest.mark.parametrize(
+    ("body_sort", "params"),
+    [
+        ("_score", {}),
+        (["_score"], {}),
+        ([{"_score": "desc"}], {}),
+        ({"_score": {"order": "desc"}}, {}),
+        (None, {"sort": "_score"}),
+        (None, {"sort": "_score:desc"}),
+        (["date"], {"sort": "_score"}),  # the URL sort replaces the body's
+    ],
+)
+def test_score_sorts_still_rerank(body_sort: Any, params: dict[str, str]) -> None:
+    body = dict(MATCH) if body_sort is None else {**MATCH, "sort": body_sort}
+    assert rerank(body, params).query == "red fox"
+
+
+def test_body_sort_ignored_when_url_sort_is_not_score() -> None:
+    assert plan({**MATCH, "sort": ["_score"]}, {"sort": "date"}) == Passthrough("sort")
+
+
+def test_upstream_body_window_and_dropped_params() -> None:
+    body = {**MATCH, "from": 5, "size": 10, "aggs": {"n": {"terms": {"field": "k"}}}}
+    before = copy.deepcopy(body)
+    p = rerank(body)
+    assert body == before  # the caller's body is not mutated
+    assert (p.top_k, p.start, p.size, p.fields, p.source) == (20, 5, 10, ("text",), None)
+    assert p.body == {**before, "from": 0, "size": 20}
+    assert p.dropped_params == frozenset({"from", "size"})
+
+
+def test_upstream_size_covers_window_past_top_k() -> None:
+    p = rerank({**MATCH, "from": 15, "size": 10})
+    assert p.body["size"] == 25
+    assert p.body["from"] == 0
+
+
+def test_default_size_is_ten() -> None:
+    p = rerank(MATCH)
+    assert (p.start, p.size) == (0, 10)
+
+
+def test_url_from_size_win_over_body() -> None:
+    p = rerank({**MATCH, "from": 1, "size": 2}, {"from": "3", "size": "30"})
+    assert (p.start, p.size) == (3, 30)
+    assert p.body["size"] == 33
+    assert plan({**MATCH, "size": 0}, {"size": "5"}) != Passthrough("size_zero")
+    assert plan({**MATCH, "size": 5}, {"size": "0"}) == Passthrough("size_zero")
+
+
+@pytest.mark.parametrize(
+    ("body", "params"),
+    [
+        ({**MATCH, "size": -1}, {}),
+        (MATCH, {"from": "-2"}),
+        (MATCH, {"size": "ten"}),
+        ({**MATCH, "from": True}, {}),
+    ],
+)
+def test_bad_from_size_is_bad_request(body: dict[str, Any], params: dict[str, str]) -> None:
+    with pytest.raises(BadRequest):
+        plan(body, params)
+
+
+def test_source_patch_and_dropped_source_params() -> None:
+    p = rerank({**MATCH, "_source": ["title"]}, {"_source_excludes": "text"})
+    assert p.source is not None
+    assert p.source.original == SourceFilter(includes=(), excludes=("text",))
+    assert p.body["_source"] == {"includes": [], "excludes": []}
+    assert p.dropped_params == frozenset({"from", "size", "_source", "_source_includes", "_source_excludes"})
+    q = rerank({**MATCH, "_source": False})
+    assert q.body["_source"] == {"includes": ["text"], "excludes": []}
+    assert "_source" in q.dropped_params
+
+
+def test_bad_source_is_bad_request() -> None:
+    with pytest.raises(BadRequest):
+        plan({**MATCH, "_source": 5})
+
+
+def test_q_param_uses_lucene_text_and_ignores_body_query() -> None:
+    p = rerank({"query": {"match": {"text": "body words"}}}, {"q": "title:(quick brown) AND fox~2"})
+    assert p.query == "quick brown fox"
+    assert plan({"query": {"match": {"text": "body words"}}}, {"q": "*"}) == Passthrough("no_query_text")
+
+
+def test_query_path_config() -> None:
+    cfg = replace(CFG, query_path="query.bool.must.0.match.title.query")
+    body = {
+        "query": {
+            "bool": {
+                "must": [{"match": {"title": {"query": "chosen"}}}],
+                "should": [{"match": {"body": "ignored"}}],
+            }
+        }
+    }
+    assert rerank(body, cfg=cfg).query == "chosen"
+    assert rerank(body).query == "chosen ignored"
+    # a path that is not in the body falls back to the DSL
+    missing = replace(CFG, query_path="query.nope")
+    assert rerank(body, cfg=missing).query == "chosen ignored"
+
+
+def test_overrides_apply() -> None:
+    p = rerank(MATCH, overrides=Overrides(query="typed", fields=("a.b", "c"), top_k=40))
+    assert (p.query, p.fields, p.top_k, p.body["size"]) == ("typed", ("a.b", "c"), 40, 40)
+    assert rerank(None, overrides=Overrides(query="only override")).query == "only override"
+
+
+def test_top_k_above_max_is_bad_request() -> None:
+    with pytest.raises(BadRequest, match="max_top_k"):
+        plan(MATCH, overrides=Overrides(top_k=51))
+    assert rerank(MATCH, overrides=Overrides(top_k=50)).top_k == 50
+
+
+def test_overrides_from_headers() -> None:
+    headers = {
+        "X-Rerank-Query": "caf%C3%A9%20cr%C3%A8me",
+        "X-Rerank-Field": "title, body.text",
+        "X-Rerank-Top-K": "7",
+        "X-Rerank-Enabled": "off",
+    }
+    assert parse_overrides(headers, None) == Overrides("café crème", ("title", "body.text"), 7, False)
+    assert parse_overrides({}, {"query": {}}) == Overrides()
+    assert parse_overrides({"X-Rerank-Enabled": "TRUE"}, None).enabled is True
+
+
+def test_body_overrides_win_over_headers() -> None:
+    headers = {"X-Rerank-Query": "header", "X-Rerank-Field": "h", "X-Rerank-Top-K": "3"}
+    body = {"_rerank": {"query": "body", "field": ["b1", "b2"], "top_k": 9, "enabled": False}}
+    assert parse_overrides(headers, body) == Overrides("body", ("b1", "b2"), 9, False)
+    partial = parse_overrides(headers, {"_rerank": {"top_k": 4}})
+    assert partial == Overrides("header", ("h",), 4, None)
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "name"),
+    [
+        ({"X-Rerank-Top-K": "many"}, None, "X-Rerank-Top-K"),
+        ({"X-Rerank-Top-K": "0"}, None, "X-Rerank-Top-K"),
+        ({"X-Rerank-Enabled": "maybe"}, None, "X-Rerank-Enabled"),
+        ({"X-Rerank-Field": "a,,b"}, None, "X-Rerank-Field"),
+        ({"X-Rerank-Query": "   "}, None, "query"),
+        ({}, {"_rerank": "on"}, "_rerank"),
+        ({}, {"_rerank": {"topk": 3}}, "topk"),
+        ({}, {"_rerank": {"top_k": "x"}}, "_rerank.top_k"),
+        ({}, {"_rerank": {"top_k": True}}, "_rerank.top_k"),
+        ({}, {"_rerank": {"top_k": -1}}, "_rerank.top_k"),
+        ({}, {"_rerank": {"enabled": "perhaps"}}, "_rerank.enabled"),
+        ({}, {"_rerank": {"enabled": 1}}, "_rerank.enabled"),
+        ({}, {"_rerank": {"field": 3}}, "_rerank.field"),
+        ({}, {"_rerank": {"field": []}}, "_rerank.field"),
+        ({}, {"_rerank": {"query": 3}}, "_rerank.query"),
+        ({}, {"_rerank": {"query": ""}}, "query"),
+    ],
+)
+def test_bad_overrides(headers: dict[str, str], body: dict[str, Any] | None, name: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_overrides(headers, body)
+    assert name in info.value.reason
+    assert info.value.status == 400
