@@ -105,3 +105,14 @@ def test_default_yaml_is_rendered_text() -> None:
 
 def test_default_yaml_loads_to_defaults() -> None:
     assert load_config(DEFAULT_YAML) == Config()
+
+
+def test_readme_documents_every_option() -> None:
+    from pathlib import Path
+
+    from proxy.config import ENV_PREFIX, option_keys
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for key, _ in option_keys():
+        assert f"`{key}`" in readme, key
+        assert ENV_PREFIX + key.replace(".", "_").upper() in readme, key

@@ -83,5 +83,5 @@ def test_devices() -> None:
     assert pick_device("auto") in {"cpu", "cuda", "mps"}
     if not torch.cuda.is_available():
         assert pick_device("auto") != "cuda"
-        with pytest.raises(ModelLoadError, match="rerank.device"):
+        with pytest.raises(ModelLoadError, match=r"rerank\.device"):
             pick_device("cuda")

@@ -1,0 +1,25 @@
+# Named for what they do; every target works on a fresh clone.
+.PHONY: install run test lint es-start es-stop clean
+
+install:            ## create .venv and install the proxy with its test tools
+	bash scripts/install.sh
+
+run:                ## install, start a local Elasticsearch if none is configured, run the proxy
+	bash scripts/run.sh $(ARGS)
+
+test: install       ## the whole test suite (starts a real Elasticsearch for the integration tests)
+	.venv/bin/python -m pytest -rs $(PYTEST_ARGS)
+
+lint: install       ## ruff + strict mypy
+	.venv/bin/ruff check proxy tests
+	.venv/bin/ruff format --check proxy tests
+	.venv/bin/mypy
+
+es-start:           ## a local Elasticsearch on 127.0.0.1:9200
+	bash scripts/elasticsearch.sh start
+
+es-stop:
+	bash scripts/elasticsearch.sh stop
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache
