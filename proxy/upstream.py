@@ -9,6 +9,7 @@ responses are not decompressed, so pass-through answers are byte-for-byte Elasti
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -63,7 +64,11 @@ class Upstream:
     """Pooled client for one Elasticsearch URL; create inside a running loop, close with ``close``."""
 
     def __init__(self, cfg: UpstreamConfig) -> None:
-        self.base = cfg.url.rstrip("/")
+        url = URL(cfg.url)
+        # Credentials in upstream.url are a default for clients that send none of their own: a
+        # client's Authorization header always wins and goes up untouched.
+        self._default_auth = basic_auth(url.user or "", url.password or "") if url.user is not None else None
+        self.base = str(url.with_user(None)).rstrip("/")
         self._cfg = cfg
         ssl_ctx: ssl.SSLContext | bool = True
         if cfg.url.startswith("https"):
@@ -96,6 +101,9 @@ class Upstream:
         self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """The raw upstream response, for relaying without reading it all into memory."""
+        if self._default_auth is not None and "Authorization" not in headers:
+            headers = CIMultiDict(headers)
+            headers["Authorization"] = self._default_auth
         try:
             async with self.session.request(
                 method, self._url(path_qs), headers=headers, data=body, allow_redirects=False
@@ -135,6 +143,10 @@ class Upstream:
             raise UpstreamTimeout(f"Elasticsearch did not answer within {self._cfg.timeout_s}s") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"Elasticsearch dropped the connection: {_why(exc)}") from exc
+
+
+def basic_auth(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
 def _why(exc: BaseException) -> str:

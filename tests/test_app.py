@@ -104,7 +104,12 @@ async def make_proxy() -> Any:
     made: list[Any] = []
 
     async def make(
-        scorer: Any = None, *, upstream_url: str | None = None, n: int = 30, **rerank: Any
+        scorer: Any = None,
+        *,
+        upstream_url: str | None = None,
+        n: int = 30,
+        upstream_userinfo: tuple[str, str] | None = None,
+        **rerank: Any,
     ) -> tuple[TestClient[web.Request, web.Application], Upstream]:
         upstream = Upstream(n)
         up_app = web.Application()
@@ -112,7 +117,10 @@ async def make_proxy() -> Any:
         up_server = TestServer(up_app)
         await up_server.start_server()
         made.append(up_server)
-        url = upstream_url or str(up_server.make_url("")).rstrip("/")
+        own = up_server.make_url("")
+        if upstream_userinfo:
+            own = own.with_user(upstream_userinfo[0]).with_password(upstream_userinfo[1])
+        url = upstream_url or str(own).rstrip("/")
         cfg = Config(
             server=ServerConfig(max_body_bytes=rerank.pop("max_body_bytes", 1024 * 1024)),
             upstream=UpstreamConfig(url=url, timeout_s=rerank.pop("timeout_s", 5.0)),
@@ -301,3 +309,13 @@ async def test_compatible_with_accept_is_mirrored_on_content_type(make_proxy: Fa
     await client.get("/i/_search?q=coffee", headers={"Accept": media})
     assert upstream.seen[-1]["headers"]["Content-Type"] == media
     assert upstream.seen[-1]["method"] == "GET"
+
+
+async def test_credentials_in_upstream_url_are_a_default(make_proxy: Factory) -> None:
+    client, upstream = await make_proxy(upstream_userinfo=("elastic", "s3cret"))
+    await client.get("/i/_doc/1")
+    assert (
+        upstream.seen[-1]["headers"]["Authorization"] == "Basic ZWxhc3RpYzpzM2NyZXQ="
+    )  # base64("elastic:s3cret")
+    await client.get("/i/_doc/1", headers={"Authorization": "ApiKey abc"})
+    assert upstream.seen[-1]["headers"]["Authorization"] == "ApiKey abc"
