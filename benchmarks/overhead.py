@@ -1,0 +1,221 @@
+"""What the proxy itself costs: latency through the proxy vs straight to the same Elasticsearch.
+
+One run, one machine, ratios (this machine is noisy; absolute figures move, ratios much less):
+- pass-through: GET /{index}/_doc/{id};
+- search with reranking off (X-Rerank-Enabled: false): the search path's parsing and relaying;
+- reranked search (top_k as configured, size 10) vs the plain Elasticsearch search, with the time
+  the model took (X-Rerank-Took-Ms) reported apart.
+
+The corpus and queries are NovelEval's (../shared/data/noveleval). The proxy runs as a separate
+``rerank-proxy`` process, as in production. Without --model, a tiny random cross-encoder is built
+on the spot (mechanics only: its scores mean nothing, and its speed is no real model's).
+
+    python benchmarks/overhead.py [--es-url URL] [--model PATH] [--top-k 100] [--requests 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "noveleval"
+INDEX = "bench-noveleval"
+
+
+def load_noveleval() -> tuple[list[tuple[str, str]], list[str]]:
+    if not (DATA / "corpus.tsv").is_file():
+        sys.exit(f"overhead.py: NovelEval not found at {DATA} (see ../shared/data/README.md)")
+    docs = [tuple(line.split("\t", 1)) for line in (DATA / "corpus.tsv").read_text().splitlines() if line]
+    queries = [line.split("\t", 1)[1] for line in (DATA / "queries.tsv").read_text().splitlines() if line]
+    return [(d[0], d[1]) for d in docs], queries
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def timed(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[float, Any]:
+    start = time.perf_counter()
+    async with session.request(method, url, **kw) as resp:
+        await resp.read()
+        if resp.status >= 400:
+            raise SystemExit(f"overhead.py: {method} {url} answered {resp.status}")
+        return (time.perf_counter() - start) * 1000, resp.headers
+
+
+async def compare(
+    session: aiohttp.ClientSession, es: str, proxy: str, n: int, request: Any
+) -> dict[str, Any]:
+    """Interleave direct and proxied requests so drift on the machine hits both alike."""
+    direct, proxied, took = [], [], []
+    for i in range(n):
+        method, path, kw = request(i)
+        direct.append((await timed(session, method, es + path, **kw))[0])
+        ms, headers = await timed(session, method, proxy + path, **kw)
+        proxied.append(ms)
+        if "X-Rerank-Took-Ms" in headers:
+            took.append(float(headers["X-Rerank-Took-Ms"]))
+    out = {
+        "direct_p50_ms": statistics.median(direct),
+        "proxy_p50_ms": statistics.median(proxied),
+        "direct_p95_ms": pct(direct, 0.95),
+        "proxy_p95_ms": pct(proxied, 0.95),
+        "p50_ratio": statistics.median(proxied) / statistics.median(direct),
+        "added_p50_ms": statistics.median(proxied) - statistics.median(direct),
+    }
+    if took:
+        out["scoring_p50_ms"] = statistics.median(took)
+        out["added_p50_ms_excluding_scoring"] = out["added_p50_ms"] - out["scoring_p50_ms"]
+    return out
+
+
+async def run(es: str, proxy: str, n: int, docs: list[tuple[str, str]], queries: list[str]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        await session.delete(f"{es}/{INDEX}")
+        await session.put(f"{es}/{INDEX}", json={"settings": {"number_of_replicas": 0}})
+        bulk = "".join(
+            json.dumps({"index": {"_index": INDEX, "_id": i}}) + "\n" + json.dumps({"text": t}) + "\n"
+            for i, t in docs
+        )
+        await session.post(
+            f"{es}/_bulk?refresh=true", data=bulk, headers={"Content-Type": "application/x-ndjson"}
+        )
+        ids = [d[0] for d in docs]
+
+        def get(i: int) -> Any:
+            return "GET", f"/{INDEX}/_doc/{ids[i % len(ids)]}", {}
+
+        def search(headers: dict[str, str]) -> Any:
+            def make(i: int) -> Any:
+                body = {"query": {"match": {"text": queries[i % len(queries)]}}, "size": 10}
+                return "POST", f"/{INDEX}/_search", {"json": body, "headers": headers}
+
+            return make
+
+        await compare(session, es, proxy, 10, search({}))  # warm-up: model, pools, ES caches
+        return {
+            "pass_through_get": await compare(session, es, proxy, n, get),
+            "search_rerank_off": await compare(session, es, proxy, n, search({"X-Rerank-Enabled": "false"})),
+            "search_reranked": await compare(session, es, proxy, max(20, n // 5), search({})),
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--es-url", help="a running Elasticsearch (default: start one with scripts/elasticsearch.sh)"
+    )
+    ap.add_argument("--model", help="cross-encoder folder or id (default: a tiny local one)")
+    ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    docs, queries = load_noveleval()
+
+    started_es = False
+    es_url = args.es_url
+    if not es_url:
+        env = {**os.environ, "ES_PORT": "9270"}
+        es_url = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "elasticsearch.sh"), "start"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        started_es = True
+    model = args.model
+    tmp = tempfile.TemporaryDirectory()
+    if not model:
+        sys.path.insert(0, str(ROOT))
+        from tests.tiny_model import build_tiny_cross_encoder
+
+        model = str(build_tiny_cross_encoder(Path(tmp.name) / "tiny", [t for _, t in docs]))
+    port = free_port()
+    proxy = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "proxy.cli",
+            "--upstream",
+            es_url,
+            "--server-port",
+            str(port),
+            "--rerank-model",
+            model,
+            "--rerank-top-k",
+            str(args.top_k),
+            "--rerank-timeout-ms",
+            "60000",
+            "--server-log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+    )
+    proxy_url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                import urllib.request
+
+                urllib.request.urlopen(f"{proxy_url}/_cluster/health", timeout=1)
+                break
+            except Exception:
+                if proxy.poll() is not None:
+                    sys.exit("overhead.py: the proxy exited during start-up")
+                time.sleep(0.2)
+        result = asyncio.run(run(es_url, proxy_url, args.requests, docs, queries))
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
+        if started_es:
+            subprocess.run(
+                ["bash", str(ROOT / "scripts" / "elasticsearch.sh"), "stop"],
+                env={**os.environ, "ES_PORT": "9270"},
+                capture_output=True,
+            )
+        tmp.cleanup()
+    result["setup"] = {
+        "model": args.model or "tiny random BERT (2 layers, hidden 32), built locally",
+        "top_k": args.top_k,
+        "requests": args.requests,
+        "corpus": "NovelEval (420 passages, 21 queries)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'case':<20}{'direct p50':>12}{'proxy p50':>12}{'ratio':>8}{'added ms':>10}{'scoring':>10}")
+    for case in ("pass_through_get", "search_rerank_off", "search_reranked"):
+        r = result[case]
+        print(
+            f"{case:<20}{r['direct_p50_ms']:>12.2f}{r['proxy_p50_ms']:>12.2f}{r['p50_ratio']:>8.2f}"
+            f"{r['added_p50_ms']:>10.2f}{r.get('scoring_p50_ms', float('nan')):>10.2f}"
+        )
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
