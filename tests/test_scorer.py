@@ -26,20 +26,20 @@ def test_one_logit_head_scores_with_the_logit(tiny_model: Path) -> None:
     engine = CrossEncoder(str(tiny_model), max_length=128, batch_size=5, device="cpu")
     got = engine.score_sync("coffee with water", PASSAGES)
     want = reference_scores(tiny_model, "coffee with water", PASSAGES, max_length=128)
-    assert got == pytest.approx(want, abs=1e-5)
+    assert got == pytest.approx(want, abs=1e-4)
     assert len(set(got)) > 1
 
 
 def test_two_logit_head_scores_with_the_log_odds(two_logit_model: Path) -> None:
     engine = CrossEncoder(str(two_logit_model), max_length=128, batch_size=4, device="cpu")
     got = engine.score_sync("green tea", PASSAGES)
-    assert got == pytest.approx(reference_scores(two_logit_model, "green tea", PASSAGES, 128), abs=1e-5)
+    assert got == pytest.approx(reference_scores(two_logit_model, "green tea", PASSAGES, 128), abs=1e-4)
 
 
 def test_batching_and_order_do_not_change_scores(tiny_model: Path) -> None:
     one = CrossEncoder(str(tiny_model), max_length=128, batch_size=1, device="cpu")
     many = CrossEncoder(str(tiny_model), max_length=128, batch_size=64, device="cpu")
-    assert one.score_sync("tea", PASSAGES) == pytest.approx(many.score_sync("tea", PASSAGES), abs=1e-5)
+    assert one.score_sync("tea", PASSAGES) == pytest.approx(many.score_sync("tea", PASSAGES), abs=1e-4)
     assert many.score_sync("tea", []) == []
 
 
@@ -49,7 +49,7 @@ def test_long_passages_truncate_and_long_queries_are_clipped(tiny_model: Path) -
     # Only the passage's tail is cut: its score equals that of its first tokens that fit.
     got = engine.score_sync("coffee", [long_passage])
     assert got == pytest.approx(
-        reference_scores(tiny_model, "coffee", [long_passage], max_length=32), abs=1e-5
+        reference_scores(tiny_model, "coffee", [long_passage], max_length=32), abs=1e-4
     )
     # A query longer than max_length alone would make only_second truncation fail; it is clipped.
     assert len(engine.score_sync(" ".join(PASSAGES[:4]), PASSAGES[:3])) == 3

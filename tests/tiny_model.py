@@ -42,8 +42,13 @@ def build_tiny_cross_encoder(
         intermediate_size=64,
         max_position_embeddings=512,
         num_labels=num_labels,
+        # Wide random weights: scores must spread far beyond float32 noise (batched vs single-pair
+        # passes differ by ~1e-6), or near-ties would make expected orders flaky.
+        initializer_range=0.5,
     )
     model = BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 5.0)
     model.save_pretrained(folder)
     return folder
 
