@@ -91,8 +91,16 @@ async def relay(
             out.content_length = resp.content_length
         await out.prepare(request)
         if request.method != "HEAD":
-            async for chunk in upstream.relay_chunks(resp):
-                await out.write(chunk)
+            try:
+                async for chunk in upstream.relay_chunks(resp):
+                    await out.write(chunk)
+            except ProxyError as exc:
+                # The status line is already sent: the honest signal left is a cut connection, so
+                # the client sees a truncated body rather than a complete-looking wrong one.
+                log.warning("%s %s: upstream failed mid-body: %s", request.method, request.path, exc.reason)
+                if request.transport is not None:
+                    request.transport.abort()
+                return out
         await out.write_eof()
         return out
 

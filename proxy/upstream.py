@@ -8,11 +8,10 @@ responses are not decompressed, so pass-through answers are byte-for-byte Elasti
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import ssl
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,53 +95,53 @@ class Upstream:
         # encoded=True: the client's percent-encoding goes up byte for byte, never re-normalised.
         return URL(self.base + path_qs, encoded=True)
 
+    @contextmanager
+    def _translated(self, doing: str) -> Iterator[None]:
+        """aiohttp's client errors as the proxy's own; cancellation (a BaseException) passes."""
+        try:
+            yield
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(f"Elasticsearch did not answer within {self._cfg.timeout_s}s") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"{doing}: {_why(exc)}") from exc
+
     @asynccontextmanager
     async def stream(
         self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """The raw upstream response, for relaying without reading it all into memory."""
+        """The upstream response once its headers are in, for relaying without reading it all.
+
+        Only the upstream operations are translated: an error raised by the caller's block (a
+        client that went away mid-relay, say) is never mistaken for Elasticsearch's.
+        """
         if self._default_auth is not None and "Authorization" not in headers:
             headers = CIMultiDict(headers)
             headers["Authorization"] = self._default_auth
-        try:
-            async with self.session.request(
+        with self._translated(f"cannot reach Elasticsearch at {mask_url(self.base)}"):
+            resp = await self.session.request(
                 method, self._url(path_qs), headers=headers, data=body, allow_redirects=False
-            ) as resp:
-                yield resp
-        except asyncio.CancelledError:
-            raise
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(f"Elasticsearch did not answer within {self._cfg.timeout_s}s") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(
-                f"cannot reach Elasticsearch at {mask_url(self.base)}: {_why(exc)}"
-            ) from exc
+            )
+        try:
+            yield resp
+        finally:
+            resp.release()
 
     async def request(
         self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes | None
     ) -> UpstreamResponse:
         async with self.stream(method, path_qs, headers, body) as resp:
-            try:
+            with self._translated("Elasticsearch dropped the connection"):
                 data = await resp.read()
-            except asyncio.CancelledError:
-                raise
-            except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-                raise UpstreamTimeout(f"Elasticsearch did not answer within {self._cfg.timeout_s}s") from exc
-            except aiohttp.ClientError as exc:
-                raise UpstreamUnavailable(f"Elasticsearch dropped the connection: {_why(exc)}") from exc
             return UpstreamResponse(resp.status, resp.headers, data)
 
     async def relay_chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """The response body as it arrives, with read errors translated like connect errors."""
-        try:
-            async for chunk in resp.content.iter_chunked(64 * 1024):
-                yield chunk
-        except asyncio.CancelledError:
-            raise
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(f"Elasticsearch did not answer within {self._cfg.timeout_s}s") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"Elasticsearch dropped the connection: {_why(exc)}") from exc
+        """The response body as it arrives; read errors translated like connect errors."""
+        while True:
+            with self._translated("Elasticsearch dropped the connection"):
+                chunk = await resp.content.read(64 * 1024)
+            if not chunk:
+                return
+            yield chunk
 
 
 def basic_auth(user: str, password: str) -> str:

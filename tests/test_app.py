@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -319,3 +320,26 @@ async def test_credentials_in_upstream_url_are_a_default(make_proxy: Factory) ->
     )  # base64("elastic:s3cret")
     await client.get("/i/_doc/1", headers={"Authorization": "ApiKey abc"})
     assert upstream.seen[-1]["headers"]["Authorization"] == "ApiKey abc"
+
+
+async def test_upstream_dropping_mid_body_cuts_the_client_connection(make_proxy: Factory) -> None:
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n0123456789"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(broken, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client, _ = await make_proxy(upstream_url=f"http://127.0.0.1:{port}")
+        resp = await client.get("/i/_doc/1")
+        assert resp.status == 200  # the status line was already relayed
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+        resp = await client.get("/i/_search?q=x")  # read whole before answering: a clean 502
+        assert resp.status == 502
+    finally:
+        server.close()
