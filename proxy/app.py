@@ -224,7 +224,7 @@ def _raw(resp: UpstreamResponse, extra: dict[str, str]) -> web.Response:
 
 def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
     """The proxy app; ``scorer`` replaces the configured model (tests inject fakes here)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=cfg.server.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware])  # body limit: read_body, streaming
     app[CONFIG_KEY] = cfg
 
     async def resources(app: web.Application) -> AsyncIterator[None]:

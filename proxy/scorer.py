@@ -137,10 +137,7 @@ class ThreadedScorer:
 
 async def load_scorer(model: str, *, max_length: int, batch_size: int, device: str) -> ThreadedScorer:
     """Load the model off the event loop (it takes seconds) and wrap it for async use."""
-    loop = asyncio.get_running_loop()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        engine = await loop.run_in_executor(
-            pool,
-            lambda: CrossEncoder(model, max_length=max_length, batch_size=batch_size, device=device),
-        )
+    engine = await asyncio.to_thread(
+        CrossEncoder, model, max_length=max_length, batch_size=batch_size, device=device
+    )
     return ThreadedScorer(engine)

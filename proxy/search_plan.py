@@ -11,7 +11,6 @@ preference to the body, so the URL is checked first everywhere.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -219,7 +218,7 @@ def plan_search(
         raise BadRequest(str(exc)) from None
 
     dropped = frozenset({"from", "size"} | (set(SOURCE_PARAMS) if patch else set()))
-    upstream_body = copy.deepcopy(src)
+    upstream_body = dict(src)  # only top-level keys change: a shallow copy leaves the caller's intact
     upstream_body["from"] = 0
     upstream_body["size"] = max(top_k, start + size)
     if patch is not None:
