@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .batching import QueueFull
 from .config import Config
 from .errors import BodyTooLarge, ProxyError, RerankFailed, es_error_body
 from .scorer import Scorer, load_scorer
@@ -200,6 +201,8 @@ async def _score(scorer: Scorer, plan: RerankPlan, texts: list[str], cfg: Config
         scores = await asyncio.wait_for(scorer.score(plan.query, texts), cfg.rerank.timeout_ms / 1000)
     except TimeoutError as exc:
         raise RerankFailed("rerank_timeout", f"scoring took over {cfg.rerank.timeout_ms} ms") from exc
+    except QueueFull as exc:
+        raise RerankFailed("overloaded", str(exc)) from exc
     except Exception as exc:  # the model is third-party code: any failure falls back to ES order
         raise RerankFailed("rerank_error", f"{type(exc).__name__}: {exc}") from exc
     if len(scores) != len(texts):
@@ -233,10 +236,7 @@ def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
         if scorer is not None:
             app[SCORER_KEY] = scorer
         elif cfg.rerank.enabled:  # disabled in config means a plain proxy: no model is loaded
-            r = cfg.rerank
-            app[SCORER_KEY] = await load_scorer(
-                r.model, max_length=r.max_length, batch_size=r.batch_size, device=r.device
-            )
+            app[SCORER_KEY] = await load_scorer(cfg.rerank)
         try:
             yield
         finally:

@@ -117,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=cfg.server.host,
             port=cfg.server.port,
             print=None,
+            # A client that hangs up cancels its handler, which drops its queued pairs.
+            handler_cancellation=True,
             # No headers in access logs: Authorization and ApiKey values must never reach a log.
             access_log_format='%a "%r" %s %b %Tfs',
         )

@@ -101,8 +101,33 @@ class RerankConfig:
         "empty means find it in the query DSL.",
     )
     max_length: int = _opt(256, "Tokens per (query, passage) pair; passages are truncated.")
-    batch_size: int = _opt(32, "Pairs per forward pass.")
+    max_windows: int = _opt(
+        1,
+        "Windows of max_length scored per long passage, keeping the best (MaxP); 1 truncates instead.",
+    )
+    window_overlap: int = _opt(32, "Tokens shared by consecutive windows of one passage (max_windows > 1).")
     device: str = _opt("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
+    dtype: str = _opt(
+        "auto",
+        "Weights' precision: auto (bfloat16 or float16 on cuda, float32 on cpu), float32, float16, bfloat16.",
+    )
+    compile: bool = _opt(False, "torch.compile the model at start-up (slower start, faster GPU batches).")
+    threads: int = _opt(0, "CPU threads for the model; 0 means one per core this process may use.")
+    warmup: bool = _opt(True, "Run a few batches at start-up so the first search is not slow.")
+    max_batch_tokens: int = _opt(
+        0,
+        "Padded tokens per forward pass (pairs x longest pair), shared by concurrent searches; "
+        "0 means 32768 on cuda, 2048 on cpu (larger CPU batches fall out of cache and run slower).",
+    )
+    max_batch_pairs: int = _opt(512, "Pairs per forward pass, at most.")
+    max_wait_ms: float = _opt(2.0, "Milliseconds the oldest queued pair may wait for a batch to fill.")
+    max_queued_pairs: int = _opt(
+        10000,
+        "Pairs waiting for the model, at most; a search beyond it is answered in Elasticsearch's order.",
+    )
+    cache_entries: int = _opt(
+        0, "Scores kept in an LRU keyed by model, query and passage hash; 0 turns the cache off."
+    )
     timeout_ms: int = _opt(5000, "Milliseconds reranking may take; past it the original order is returned.")
 
     def __post_init__(self) -> None:
@@ -116,7 +141,31 @@ class RerankConfig:
         _check(self.top_k >= 1, "rerank.top_k", self.top_k, "must be >= 1")
         _check(self.max_top_k >= self.top_k, "rerank.max_top_k", self.max_top_k, "must be >= rerank.top_k")
         _check(self.max_length >= 8, "rerank.max_length", self.max_length, "must be >= 8")
-        _check(self.batch_size >= 1, "rerank.batch_size", self.batch_size, "must be >= 1")
+        _check(self.max_windows >= 1, "rerank.max_windows", self.max_windows, "must be >= 1")
+        _check(
+            self.window_overlap >= 0
+            and (self.max_windows == 1 or self.window_overlap < self.max_length // 2),
+            "rerank.window_overlap",
+            self.window_overlap,
+            "must be >= 0 and below half of rerank.max_length",
+        )
+        _check(
+            self.dtype in {"auto", "float32", "float16", "bfloat16"},
+            "rerank.dtype",
+            self.dtype,
+            "must be auto, float32, float16 or bfloat16",
+        )
+        _check(self.threads >= 0, "rerank.threads", self.threads, "must be >= 0")
+        _check(
+            self.max_batch_tokens == 0 or self.max_batch_tokens >= self.max_length,
+            "rerank.max_batch_tokens",
+            self.max_batch_tokens,
+            "must be 0 (auto) or >= rerank.max_length (one whole pair must fit a batch)",
+        )
+        _check(self.max_batch_pairs >= 1, "rerank.max_batch_pairs", self.max_batch_pairs, "must be >= 1")
+        _check(self.max_wait_ms >= 0, "rerank.max_wait_ms", self.max_wait_ms, "must be >= 0")
+        _check(self.max_queued_pairs >= 1, "rerank.max_queued_pairs", self.max_queued_pairs, "must be >= 1")
+        _check(self.cache_entries >= 0, "rerank.cache_entries", self.cache_entries, "must be >= 0")
         _check(self.timeout_ms >= 1, "rerank.timeout_ms", self.timeout_ms, "must be >= 1")
         dev = self.device
         _check(

@@ -1,8 +1,10 @@
-"""Scoring (query, passage) pairs with a transformers cross-encoder.
+"""What the HTTP side calls to score passages, and how it reaches the batching queue.
 
-The HTTP side sees only the :class:`Scorer` protocol: ``await score(query, passages)``. The model
-runs on one dedicated worker thread so the event loop keeps serving other requests while a forward
-pass runs, and so torch never sees two forward passes of one model at once.
+The HTTP side sees only the :class:`Scorer` protocol: ``await score(query, passages)``. The one
+implementation, :class:`EngineScorer`, looks passages up in the optional score cache, tokenizes the
+rest on a tokenizer thread, submits the items to the model's :class:`~proxy.batching.BatchQueue`
+and turns the model's per-item results into one score per passage. Each scorer kind (cross-encoder,
+bi-encoder) is a :class:`Model`: how to tokenize a search and how to run one batch.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+from .batching import BatchLimits, BatchQueue
+from .config import RerankConfig
+from .runtime import ModelLoadError
+from .score_cache import ScoreCache
+
 log = logging.getLogger(__name__)
 
-
-class ModelLoadError(RuntimeError):
-    """The configured model cannot be loaded; the message names ``rerank.model``."""
+__all__ = ["EngineScorer", "Model", "ModelLoadError", "Scorer", "load_scorer"]
 
 
 class Scorer(Protocol):
@@ -32,112 +37,101 @@ class Scorer(Protocol):
     async def aclose(self) -> None: ...
 
 
-def pick_device(requested: str) -> str:
-    """``auto`` means cuda, else Apple's mps, else cpu; an explicit device is checked to exist."""
-    import torch
+class Model(Protocol):
+    """A scorer kind, split at the queue: ``encode`` per search, ``run_batch`` per forward pass."""
 
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"rerank.device: {requested!r} asked for but no CUDA device is visible")
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError("rerank.device: 'mps' asked for but it is not available")
-    return requested
+    name: str
+    kind: str
+    device: str
 
+    def encode(self, query: str, passages: Sequence[str]) -> tuple[list[Any], Any]:
+        """Queue items for one search and what :meth:`reduce` needs to read their results."""
+        ...
 
-class CrossEncoder:
-    """A sequence-classification model read as a relevance scorer.
+    def item_length(self, item: Any) -> int: ...
 
-    One-logit heads (the MiniLM cross-encoders) score with the logit; two-logit heads (mBERT, NBoost's
-    BERTs, trained as not-relevant/relevant) score with ``logit[1] - logit[0]``, the log-odds of
-    relevance. Pairs are truncated on the passage side only, so the query is never cut short unless
-    it alone would take more than half of ``max_length``.
-    """
+    def run_batch(self, batch: list[Any]) -> Sequence[Any]: ...
 
-    def __init__(self, model: str, *, max_length: int, batch_size: int, device: str = "auto") -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def reduce(self, results: Sequence[Any], plan: Any, n_passages: int) -> list[float]: ...
 
-        self.name = model
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.device = pick_device(device)
-        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=dtype)
-        except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"rerank.model: cannot load {model!r}: {first}") from exc
-        labels = self.model.config.num_labels
-        if labels not in (1, 2):
-            raise ModelLoadError(
-                f"rerank.model: {model!r} has {labels} output labels; a reranker needs 1 or 2"
-            )
-        if not getattr(self.tokenizer, "is_fast", False):
-            log.warning("model %s has no fast tokenizer; scoring will be slower", model)
-        self.model.to(self.device).eval()
-        self._two_logits = labels == 2
-        self._max_query_tokens = max(1, max_length // 2)
-
-    def _clip_query(self, query: str) -> str:
-        enc = self.tokenizer(query, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        if len(offsets) <= self._max_query_tokens:
-            return query
-        return query[: offsets[self._max_query_tokens - 1][1]]
-
-    def score_sync(self, query: str, passages: Sequence[str]) -> list[float]:
-        """Blocking: run on a worker thread, never on the event loop."""
-        import torch
-
-        if not passages:
-            return []
-        query = self._clip_query(query)
-        # Length-sorted batches keep padding small; scores are put back in the caller's order.
-        order = sorted(range(len(passages)), key=lambda i: len(passages[i]))
-        scores: list[float] = [0.0] * len(passages)
-        with torch.inference_mode():
-            for lo in range(0, len(order), self.batch_size):
-                idx = order[lo : lo + self.batch_size]
-                batch: Any = self.tokenizer(
-                    [query] * len(idx),
-                    [passages[i] for i in idx],
-                    truncation="only_second",
-                    max_length=self.max_length,
-                    padding=True,
-                    return_tensors="pt",
-                ).to(self.device)
-                logits = self.model(**batch).logits.float()
-                values = logits[:, 1] - logits[:, 0] if self._two_logits else logits[:, 0]
-                for i, value in zip(idx, values.tolist(), strict=True):
-                    scores[i] = value
-        return scores
+    def warm_up(self, max_batch_pairs: int) -> None: ...
 
 
-class ThreadedScorer:
-    """Adapts a blocking ``score_sync`` to the async :class:`Scorer` protocol on one worker thread."""
+def auto_batch_tokens(device: str, max_length: int) -> int:
+    """The padded-token budget for ``max_batch_tokens: 0``. Measured (benchmarks/README.md): a GPU
+    wants big batches to fill its cores; on CPU, MiniLM-L6 ran ~1.9x faster at 2048 tokens a batch
+    than at 16384, whose activations no longer fit in cache."""
+    return max(max_length, 32768 if device.startswith("cuda") else 2048)
 
-    def __init__(self, engine: CrossEncoder) -> None:
-        self.engine = engine
-        self.name = engine.name
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-model")
+
+def limits_of(cfg: RerankConfig, device: str = "cpu") -> BatchLimits:
+    return BatchLimits(
+        max_batch_tokens=cfg.max_batch_tokens or auto_batch_tokens(device, cfg.max_length),
+        max_batch_pairs=cfg.max_batch_pairs,
+        max_wait_ms=cfg.max_wait_ms,
+        max_queued=cfg.max_queued_pairs,
+    )
+
+
+class EngineScorer:
+    """A :class:`Model` behind one batching queue, with an optional score cache in front."""
+
+    def __init__(self, model: Model, limits: BatchLimits, cache_entries: int = 0) -> None:
+        self.model = model
+        self.name = model.name
+        self.cache = ScoreCache(cache_entries) if cache_entries > 0 else None
+        self.queue: BatchQueue[Any, Any] = BatchQueue(
+            model.run_batch, model.item_length, limits, name="rerank-model"
+        )
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-tokenize")
 
     async def score(self, query: str, passages: Sequence[str]) -> list[float]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.engine.score_sync, query, list(passages))
+        if not passages:
+            return []
+        cached: list[float | None] = (
+            self.cache.lookup(self.name, query, passages)
+            if self.cache is not None
+            else [None] * len(passages)
+        )
+        todo = [i for i, s in enumerate(cached) if s is None]
+        if todo:
+            texts = [passages[i] for i in todo]
+            loop = asyncio.get_running_loop()
+            items, plan = await loop.run_in_executor(self._tokenizer_pool, self.model.encode, query, texts)
+            results = await self.queue.submit(items)
+            fresh = self.model.reduce(results, plan, len(texts))
+            for i, value in zip(todo, fresh, strict=True):
+                cached[i] = value
+            if self.cache is not None:
+                self.cache.store(self.name, query, texts, fresh)
+        return [float(s) for s in cached]  # type: ignore[arg-type]
 
     async def aclose(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        await self.queue.aclose()
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
 
-async def load_scorer(model: str, *, max_length: int, batch_size: int, device: str) -> ThreadedScorer:
-    """Load the model off the event loop (it takes seconds) and wrap it for async use."""
-    engine = await asyncio.to_thread(
-        CrossEncoder, model, max_length=max_length, batch_size=batch_size, device=device
+def build_model(cfg: RerankConfig) -> Model:
+    """Load the configured model; blocking (seconds), so call it off the event loop."""
+    from .cross_encoder import CrossEncoderModel
+
+    model = CrossEncoderModel(
+        cfg.model,
+        max_length=cfg.max_length,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        compile=cfg.compile,
+        threads=cfg.threads,
+        max_windows=cfg.max_windows,
+        window_overlap=cfg.window_overlap,
     )
-    return ThreadedScorer(engine)
+    if cfg.warmup:
+        model.warm_up(cfg.max_batch_pairs)
+    return model
+
+
+async def load_scorer(cfg: RerankConfig) -> EngineScorer:
+    """Load and warm the model off the event loop, then put it behind its batching queue."""
+    model = await asyncio.to_thread(build_model, cfg)
+    log.info("scorer %s (%s) ready", model.name, model.kind)
+    return EngineScorer(model, limits_of(cfg, model.device), cfg.cache_entries)

@@ -97,7 +97,9 @@ class ProxyThread:
         self.loop.set_debug(True)
         self.loop.slow_callback_duration = BLOCKED_LOOP_S
         try:
-            self.runner = web.AppRunner(create_app(self.cfg, scorer=self.scorer), access_log=None)
+            self.runner = web.AppRunner(
+                create_app(self.cfg, scorer=self.scorer), access_log=None, handler_cancellation=True
+            )
             self.loop.run_until_complete(self.runner.setup())
             site = web.TCPSite(self.runner, "127.0.0.1", self.port)
             self.loop.run_until_complete(site.start())

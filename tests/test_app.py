@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -20,7 +21,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from proxy.app import create_app
+from proxy.batching import BatchLimits
 from proxy.config import Config, RerankConfig, ServerConfig, UpstreamConfig
+from proxy.scorer import EngineScorer
 
 Hits = list[dict[str, Any]]
 
@@ -127,7 +130,8 @@ async def make_proxy() -> Any:
             upstream=UpstreamConfig(url=url, timeout_s=rerank.pop("timeout_s", 5.0)),
             rerank=RerankConfig(top_k=rerank.pop("top_k", 10), **rerank),
         )
-        client = TestClient(TestServer(create_app(cfg, scorer=scorer or FakeScorer())))
+        app = create_app(cfg, scorer=scorer or FakeScorer())
+        client = TestClient(TestServer(app))  # as the CLI runs it
         await client.start_server()
         made.append(client)
         return client, upstream
@@ -343,3 +347,88 @@ async def test_upstream_dropping_mid_body_cuts_the_client_connection(make_proxy:
         assert resp.status == 502
     finally:
         server.close()
+
+
+class GatedModel:
+    """A model without torch for the real queue: the test holds its forward pass at a gate."""
+
+    name, kind, device = "gated", "cross-encoder", "cpu"
+
+    def __init__(self) -> None:
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.seen: list[str] = []
+
+    def encode(self, query: str, passages: Sequence[str]) -> tuple[list[str], None]:
+        return list(passages), None
+
+    def item_length(self, item: str) -> int:
+        return len(item)
+
+    def run_batch(self, batch: list[str]) -> list[float]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.seen.extend(batch)
+        return [float(int(p.split()[-1])) for p in batch]
+
+    def reduce(self, results: Sequence[float], plan: None, n: int) -> list[float]:
+        return list(results)
+
+    def warm_up(self, max_batch_pairs: int) -> None:
+        pass
+
+
+def gated_scorer(max_queued: int = 1000) -> tuple[GatedModel, EngineScorer]:
+    model = GatedModel()
+    limits = BatchLimits(max_batch_tokens=4096, max_batch_pairs=64, max_wait_ms=1, max_queued=max_queued)
+    return model, EngineScorer(model, limits)
+
+
+async def test_past_the_queue_bound_a_search_is_answered_in_es_order(make_proxy: Factory) -> None:
+    model, scorer = gated_scorer(max_queued=15)
+    client, _ = await make_proxy(scorer, top_k=10)
+    first = asyncio.create_task(client.post("/i/_search?size=3", json={"query": {"match": {"text": "q"}}}))
+    await asyncio.to_thread(model.entered.wait, 5)
+    resp = await client.post("/i/_search?size=3", json={"query": {"match": {"text": "q"}}})
+    assert resp.headers["X-Rerank-Status"] == "skipped" and resp.headers["X-Rerank-Reason"] == "overloaded"
+    assert ids(await resp.json()) == ["0", "1", "2"]
+    model.gate.set()
+    done = await first
+    assert done.headers["X-Rerank-Status"] == "reranked" and ids(await done.json()) == ["9", "8", "7"]
+    assert scorer.queue.stats.rejected_jobs == 1
+    await scorer.aclose()
+
+
+async def test_a_client_that_hangs_up_has_its_pairs_dropped(make_proxy: Factory) -> None:
+    model, scorer = gated_scorer()
+    client, _ = await make_proxy(scorer, top_k=10)
+    holder = asyncio.create_task(client.post("/i/_search", json={"query": {"match": {"text": "a"}}}))
+    await asyncio.to_thread(model.entered.wait, 5)
+    async with aiohttp.ClientSession() as other:
+        leaving = asyncio.create_task(
+            other.post(client.make_url("/i/_search?size=5"), json={"query": {"match": {"text": "b"}}})
+        )
+        for _ in range(100):  # until its 10 pairs are queued behind the held batch
+            await asyncio.sleep(0.01)
+            if scorer.queue.stats.queued == 20:
+                break
+        assert scorer.queue.stats.queued == 20
+        leaving.cancel()  # the client goes away: its connection closes
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if scorer.queue.stats.cancelled_items == 10:
+            break
+    assert scorer.queue.stats.cancelled_items == 10 and scorer.queue.stats.queued == 10
+    model.gate.set()
+    assert (await holder).headers["X-Rerank-Status"] == "reranked"
+    assert len(model.seen) == 10, "the departed client's pairs reached the model"
+    await scorer.aclose()
+
+
+async def test_a_rerank_timeout_frees_the_queue_too(make_proxy: Factory) -> None:
+    model, scorer = gated_scorer()
+    client, _ = await make_proxy(scorer, top_k=10, timeout_ms=100)
+    resp = await client.post("/i/_search?size=2", json={"query": {"match": {"text": "q"}}})
+    assert resp.headers["X-Rerank-Reason"] == "rerank_timeout" and ids(await resp.json()) == ["0", "1"]
+    assert scorer.queue.stats.queued == 0
+    model.gate.set()
+    await scorer.aclose()

@@ -73,14 +73,14 @@ def test_print_config_reflects_flags_and_env(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RERANK_PROXY_RERANK_TOP_K", "7")
-    monkeypatch.setenv("RERANK_PROXY_RERANK_BATCH_SIZE", "4")
+    monkeypatch.setenv("RERANK_PROXY_RERANK_MAX_BATCH_PAIRS", "4")
     monkeypatch.setenv("RERANK_PROXY_RERANK_FIELD", "title,body")
     data = printed_config(
         capsys,
         ["--rerank-top-k", "9", "--upstream", "https://elastic:hunter2@es:9243", "--server-port", "9000"],
     )
     assert data["rerank"]["top_k"] == 9  # flag beats env
-    assert data["rerank"]["batch_size"] == 4
+    assert data["rerank"]["max_batch_pairs"] == 4
     assert data["rerank"]["field"] == ["title", "body"]
     assert data["server"]["port"] == 9000
     assert data["upstream"]["url"] == "https://elastic:***@es:9243"

@@ -82,11 +82,11 @@ def test_config_file_from_env(tmp_path: Path) -> None:
 
 
 def test_precedence(tmp_path: Path) -> None:
-    path = write(tmp_path, "rerank:\n  top_k: 5\n  batch_size: 2\n")
+    path = write(tmp_path, "rerank:\n  top_k: 5\n  max_batch_pairs: 2\n")
     env = {"RERANK_PROXY_RERANK_TOP_K": "6", "RERANK_PROXY_RERANK_MAX_LENGTH": "64"}
     over = {"rerank.top_k": "7"}
     cfg = load_config(path, env, over)
-    assert (cfg.rerank.top_k, cfg.rerank.max_length, cfg.rerank.batch_size) == (7, 64, 2)
+    assert (cfg.rerank.top_k, cfg.rerank.max_length, cfg.rerank.max_batch_pairs) == (7, 64, 2)
     assert load_config(path, env).rerank.top_k == 6
     assert load_config(path).rerank.top_k == 5
     assert load_config().rerank.top_k == 100
@@ -158,7 +158,16 @@ def test_missing_file_names_it(tmp_path: Path) -> None:
         ({"rerank.top_k": "0"}, "rerank.top_k"),
         ({"rerank.top_k": "50", "rerank.max_top_k": "10"}, "rerank.max_top_k"),
         ({"rerank.max_length": "4"}, "rerank.max_length"),
-        ({"rerank.batch_size": "0"}, "rerank.batch_size"),
+        ({"rerank.max_batch_pairs": "0"}, "rerank.max_batch_pairs"),
+        ({"rerank.max_batch_tokens": "100"}, "rerank.max_batch_tokens"),  # below max_length 256
+        ({"rerank.max_wait_ms": "-1"}, "rerank.max_wait_ms"),
+        ({"rerank.max_queued_pairs": "0"}, "rerank.max_queued_pairs"),
+        ({"rerank.cache_entries": "-5"}, "rerank.cache_entries"),
+        ({"rerank.dtype": "fp8"}, "rerank.dtype"),
+        ({"rerank.threads": "-1"}, "rerank.threads"),
+        ({"rerank.compile": "sometimes"}, "rerank.compile"),
+        ({"rerank.max_windows": "0"}, "rerank.max_windows"),
+        ({"rerank.max_windows": "4", "rerank.window_overlap": "200"}, "rerank.window_overlap"),
         ({"rerank.timeout_ms": "0"}, "rerank.timeout_ms"),
         ({"rerank.device": "gpu"}, "rerank.device"),
         ({"rerank.device": "cuda:x"}, "rerank.device"),

@@ -69,3 +69,30 @@ def reference_scores(folder: Path, query: str, passages: list[str], max_length: 
             logits = model(**enc).logits[0]
             out.append(float(logits[1] - logits[0]) if logits.numel() == 2 else float(logits[0]))
     return out
+
+
+def reference_window_scores(
+    folder: Path, query: str, passage: str, max_length: int, overlap: int
+) -> list[float]:
+    """One score per window of ``passage`` (MaxP), windows cut by hand from the passage's tokens:
+    each holds as many passage tokens as fit beside the query, and shares ``overlap`` with the last."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    q = tokenizer(query, add_special_tokens=False)["input_ids"]
+    p = tokenizer(passage, add_special_tokens=False)["input_ids"]
+    room = max_length - len(q) - 3
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    out, start = [], 0
+    while True:
+        window = p[start : start + room]
+        ids = [cls, *q, sep, *window, sep]
+        types = [0] * (len(q) + 2) + [1] * (len(window) + 1)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types])).logits[0]
+        out.append(float(logits[0]))
+        if start + room >= len(p):
+            return out
+        start += room - overlap

@@ -1,0 +1,161 @@
+"""A transformers sequence-classification model read as a relevance scorer.
+
+One-logit heads (the MiniLM cross-encoders) score with the logit; two-logit heads (mBERT, NBoost's
+BERTs, trained as not-relevant/relevant) score with ``logit[1] - logit[0]``, the log-odds of
+relevance. Pairs are truncated on the passage side only, so the query is never cut short unless it
+alone would take more than half of ``max_length``.
+
+A passage longer than a pair's room can instead be scored as up to ``max_windows`` overlapping windows,
+keeping the best window's score (MaxP, Dai & Callan 2019): an answer deep in a long document still
+counts. The fast tokenizer cuts the windows (``return_overflowing_tokens`` with a stride), so this
+costs one forward item per window and no extra tokenization pass.
+
+The class is split along the batching queue's seam: :meth:`CrossEncoderModel.encode` tokenizes a
+search's pairs (on the tokenizer thread), :meth:`CrossEncoderModel.run_batch` runs one forward pass
+over pairs that may come from several searches (on the model thread).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from .runtime import (
+    ModelLoadError,
+    batch_tensors,
+    describe_load_error,
+    load_weights,
+    maybe_compile,
+    pick_device,
+    pick_dtype,
+    set_cpu_threads,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Encoded(NamedTuple):
+    """One tokenized input: ids, and segment ids where the architecture uses them."""
+
+    ids: list[int]
+    types: list[int] | None
+
+
+class CrossEncoderModel:
+    kind = "cross-encoder"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_length: int,
+        device: str = "auto",
+        dtype: str = "auto",
+        compile: bool = False,
+        threads: int = 0,
+        max_windows: int = 1,
+        window_overlap: int = 32,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name = model
+        self.max_length = max_length
+        self.max_windows = max_windows
+        self.window_overlap = window_overlap
+        self.device = pick_device(device)
+        bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        self.dtype = pick_dtype(dtype, self.device, bf16)
+        if self.device == "cpu":
+            set_cpu_threads(threads)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            net = load_weights(AutoModelForSequenceClassification, model, self.dtype)
+        except (OSError, ValueError) as exc:
+            raise describe_load_error("rerank.model", model, exc) from exc
+        labels = net.config.num_labels
+        if labels not in (1, 2):
+            raise ModelLoadError(
+                f"rerank.model: {model!r} has {labels} output labels; a reranker needs 1 or 2"
+            )
+        if not getattr(self.tokenizer, "is_fast", False):
+            log.warning("model %s has no fast tokenizer; tokenizing will be slower", model)
+        self.net = net.to(self.device).eval()
+        self.forward = maybe_compile(self.net, compile)
+        self._two_logits = labels == 2
+        self._max_query_tokens = max(1, max_length // 2)
+        self._uses_types = "token_type_ids" in self.tokenizer.model_input_names
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _clip_query(self, query: str) -> str:
+        enc = self.tokenizer(query, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if len(offsets) <= self._max_query_tokens:
+            return query
+        return query[: offsets[self._max_query_tokens - 1][1]]
+
+    def encode(self, query: str, passages: Sequence[str]) -> tuple[list[Encoded], list[int]]:
+        """Tokenize every (query, passage) pair once; blocking, so never on the event loop.
+
+        Returns the queue items and, per item, the index of the passage it belongs to.
+        """
+        if not passages:
+            return [], []
+        query = self._clip_query(query)
+        windows = self.max_windows > 1
+        extra: dict[str, Any] = {}
+        if windows:
+            query_tokens = len(self.tokenizer(query, add_special_tokens=False)["input_ids"])
+            room = self.max_length - query_tokens - self.tokenizer.num_special_tokens_to_add(pair=True)
+            extra = {"return_overflowing_tokens": True, "stride": max(0, min(self.window_overlap, room // 2))}
+        enc: Any = self.tokenizer(
+            [query] * len(passages),
+            list(passages),
+            truncation="only_second",
+            max_length=self.max_length,
+            return_attention_mask=False,
+            return_token_type_ids=self._uses_types,
+            **extra,
+        )
+        owners: list[int] = enc["overflow_to_sample_mapping"] if windows else list(range(len(passages)))
+        types = enc["token_type_ids"] if self._uses_types else [None] * len(owners)
+        items, kept, per_passage = [], [], [0] * len(passages)
+        for ids, t, owner in zip(enc["input_ids"], types, owners, strict=True):
+            if per_passage[owner] < self.max_windows:
+                per_passage[owner] += 1
+                items.append(Encoded(ids, t))
+                kept.append(owner)
+        return items, kept
+
+    def item_length(self, item: Encoded) -> int:
+        return len(item.ids)
+
+    def reduce(self, results: Sequence[float], owners: list[int], n_passages: int) -> list[float]:
+        """One score per passage: its best window's (a single window is the common case)."""
+        best = [float("-inf")] * n_passages
+        for owner, value in zip(owners, results, strict=True):
+            best[owner] = max(best[owner], value)
+        return best
+
+    def run_batch(self, batch: list[Encoded]) -> list[float]:
+        """One forward pass; blocking, on the model thread."""
+        import torch
+
+        tensors = batch_tensors(
+            [e.ids for e in batch],
+            [e.types or [] for e in batch] if self._uses_types else None,
+            self._pad_id,
+            self.device,
+        )
+        with torch.inference_mode():
+            logits = self.forward(**tensors).logits.float()
+            values = logits[:, 1] - logits[:, 0] if self._two_logits else logits[:, 0]
+            return [float(v) for v in values.tolist()]
+
+    def warm_up(self, max_batch_pairs: int) -> None:
+        """A few forward passes of the sizes traffic will have, so the first search is not the one
+        that pays for CUDA context creation, kernel selection or ``torch.compile``."""
+        long_text = " ".join(["relevance"] * self.max_length)
+        for n, text in ((1, "warm up"), (min(max_batch_pairs, 8), long_text)):
+            self.run_batch(self.encode("warm up query", [text] * n)[0])

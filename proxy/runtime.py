@@ -1,0 +1,123 @@
+"""Where and how a model runs: device, precision, CPU threads, attention kernel, batch tensors.
+
+Shared by every scorer kind so the GPU path (half precision, SDPA attention, pinned-memory copies,
+optional ``torch.compile``) and the CPU path (threads for the cores this process may use) are decided
+in one place. Everything here is blocking and runs at start-up or on the model thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be loaded; the message names the option at fault."""
+
+
+def pick_device(requested: str) -> str:
+    """``auto`` means cuda, else Apple's mps, else cpu; an explicit device is checked to exist."""
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"rerank.device: {requested!r} asked for but no CUDA device is visible")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("rerank.device: 'mps' asked for but it is not available")
+    return requested
+
+
+def pick_dtype(requested: str, device: str, bf16_supported: bool) -> str:
+    """``auto``: bfloat16 on a GPU that has it (same range as float32, so no overflow in long
+    sequences), else float16 on GPUs; float32 on CPU, where half precision is slower, not faster."""
+    if requested != "auto":
+        if requested != "float32" and device == "cpu":
+            log.warning("rerank.dtype %s on cpu is usually slower than float32", requested)
+        return requested
+    if device.startswith("cuda"):
+        return "bfloat16" if bf16_supported else "float16"
+    return "float32"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def set_cpu_threads(requested: int) -> int:
+    """torch's intra-op threads: ``0`` means one per usable core. torch's own default counts the
+    machine's cores, which oversubscribes a container limited to a few of them."""
+    import torch
+
+    threads = requested or usable_cores()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def load_weights(loader: Any, model: str, dtype: str) -> Any:
+    """``loader.from_pretrained`` with SDPA attention where the architecture has it, eager otherwise."""
+    import torch
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    try:
+        return loader.from_pretrained(model, attn_implementation="sdpa", **kwargs)
+    except ValueError as exc:
+        if "sdpa" not in str(exc).lower():
+            raise
+        log.info("model %s has no SDPA attention; using eager attention", model)
+        return loader.from_pretrained(model, **kwargs)
+
+
+def describe_load_error(option: str, model: str, exc: BaseException) -> ModelLoadError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelLoadError(f"{option}: cannot load {model!r}: {first}")
+
+
+def batch_tensors(
+    rows: Sequence[Sequence[int]],
+    type_rows: Sequence[Sequence[int]] | None,
+    pad_id: int,
+    device: str,
+) -> dict[str, Any]:
+    """Right-padded ``input_ids``/``attention_mask`` (and ``token_type_ids``) on ``device``.
+
+    On cuda the host tensors are pinned so the copy is asynchronous with respect to the host.
+    """
+    import torch
+
+    n, longest = len(rows), max(len(r) for r in rows)
+    ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, longest), dtype=torch.long)
+    types = torch.zeros((n, longest), dtype=torch.long) if type_rows is not None else None
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+        if types is not None and type_rows is not None:
+            types[r, : len(row)] = torch.tensor(type_rows[r], dtype=torch.long)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        out["token_type_ids"] = types
+    if device.startswith("cuda"):
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def maybe_compile(model: Any, enabled: bool) -> Any:
+    """``torch.compile`` with dynamic shapes (batch size and length vary per batch)."""
+    if not enabled:
+        return model
+    import torch
+
+    return torch.compile(model, dynamic=True)

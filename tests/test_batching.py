@@ -1,0 +1,200 @@
+"""The batching queue with a fake forward pass: routing, budgets, bounds, cancellation, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from proxy.batching import BatchLimits, BatchQueue, QueueClosed, QueueFull, batch_size_for
+
+
+class Forward:
+    """Items are ``(job, index, length)``; the result names the item, so misrouting shows."""
+
+    def __init__(self, poison: str | None = None) -> None:
+        self.batches: list[list[tuple[str, int, int]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.poison = poison
+
+    def __call__(self, batch: list[tuple[str, int, int]]) -> Sequence[str]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(batch)
+        if self.poison is not None and any(job == self.poison for job, _, _ in batch):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return [f"{job}:{i}" for job, i, _ in batch]
+
+    def ran(self, job: str) -> list[int]:
+        return sorted(i for b in self.batches for j, i, _ in b if j == job)
+
+
+def limits(tokens: int = 1000, pairs: int = 16, wait_ms: float = 1.0, queued: int = 10_000) -> BatchLimits:
+    return BatchLimits(max_batch_tokens=tokens, max_batch_pairs=pairs, max_wait_ms=wait_ms, max_queued=queued)
+
+
+def items(job: str, lengths: Sequence[int]) -> list[tuple[str, int, int]]:
+    return [(job, i, n) for i, n in enumerate(lengths)]
+
+
+def queue(forward: Forward, lim: BatchLimits) -> BatchQueue[tuple[str, int, int], str]:
+    return BatchQueue(forward, lambda item: item[2], lim)
+
+
+def test_batch_size_for_respects_both_bounds() -> None:
+    assert batch_size_for(100, limits(tokens=1000, pairs=16)) == 10
+    assert batch_size_for(10, limits(tokens=1000, pairs=16)) == 16
+    assert batch_size_for(5000, limits(tokens=1000, pairs=16)) == 1  # one oversize item still runs
+
+
+async def test_concurrent_jobs_share_batches_and_get_their_own_results_in_order() -> None:
+    forward, rng = Forward(), random.Random(7)
+    q = queue(forward, limits(tokens=2000, pairs=32, wait_ms=20))
+    jobs = {f"j{n}": [rng.randint(3, 300) for _ in range(rng.randint(1, 60))] for n in range(24)}
+
+    async def one(name: str) -> list[str]:
+        await asyncio.sleep(rng.random() / 100)
+        return await q.submit(items(name, jobs[name]))
+
+    results = await asyncio.gather(*(one(name) for name in jobs))
+    for name, got in zip(jobs, results, strict=True):
+        assert got == [f"{name}:{i}" for i in range(len(jobs[name]))]
+    assert any(len({j for j, _, _ in b}) > 1 for b in forward.batches), "no batch mixed two searches"
+    assert q.stats.queued == 0 and q.stats.items == sum(map(len, jobs.values()))
+    await q.aclose()
+
+
+async def test_token_budget_and_pair_cap_hold_for_every_batch() -> None:
+    forward, rng = Forward(), random.Random(3)
+    lim = limits(tokens=1024, pairs=20, wait_ms=5)
+    q = queue(forward, lim)
+    await asyncio.gather(
+        *(q.submit(items(f"j{n}", [rng.randint(8, 256) for _ in range(50)])) for n in range(10))
+    )
+    for batch in forward.batches:
+        longest = max(n for _, _, n in batch)
+        assert len(batch) <= lim.max_batch_pairs
+        assert len(batch) * longest <= lim.max_batch_tokens
+    # Length grouping: padding is a small share of what fixed batches in arrival order would pad.
+    padded = sum(len(b) * max(n for _, _, n in b) for b in forward.batches)
+    real = sum(n for b in forward.batches for _, _, n in b)
+    assert padded / real < 1.25, (padded, real)
+    await q.aclose()
+
+
+async def test_past_the_bound_a_job_is_refused_at_once_and_the_queue_keeps_working() -> None:
+    forward = Forward()
+    forward.gate.clear()  # hold the first batch in the model
+    q = queue(forward, limits(pairs=4, queued=10))
+    first = asyncio.ensure_future(q.submit(items("a", [5] * 8)))
+    await asyncio.to_thread(forward.entered.wait, 5)
+    with pytest.raises(QueueFull, match="max_queued_pairs"):
+        await q.submit(items("b", [5] * 3))
+    assert q.stats.rejected_jobs == 1
+    forward.gate.set()
+    assert await first == [f"a:{i}" for i in range(8)]
+    assert await q.submit(items("c", [5] * 10)) == [f"c:{i}" for i in range(10)]
+    assert forward.ran("b") == []
+    await q.aclose()
+
+
+async def test_a_cancelled_waiter_has_its_pending_items_dropped() -> None:
+    forward = Forward()
+    forward.gate.clear()
+    q = queue(forward, limits(pairs=2))
+    running = asyncio.ensure_future(q.submit(items("a", [9, 9])))
+    await asyncio.to_thread(forward.entered.wait, 5)  # a's batch is in the model now
+    gone = asyncio.ensure_future(q.submit(items("b", [5] * 6)))
+    await asyncio.sleep(0.01)
+    assert q.stats.queued == 8
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert q.stats.queued == 2 and q.stats.cancelled_items == 6
+    forward.gate.set()
+    assert await running == ["a:0", "a:1"]
+    assert await q.submit(items("c", [4])) == ["c:0"]
+    assert forward.ran("b") == [], "a cancelled job's items reached the model"
+    assert q.stats.queued == 0
+    await q.aclose()
+
+
+async def test_a_timeout_cancels_like_a_disconnect() -> None:
+    forward = Forward()
+    forward.gate.clear()
+    q = queue(forward, limits(pairs=1))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(q.submit(items("a", [5, 5, 5])), 0.05)
+    forward.gate.set()
+    assert await q.submit(items("b", [5])) == ["b:0"]
+    assert forward.ran("a") == [0]  # only the batch already in the model when the waiter left
+    await q.aclose()
+
+
+async def test_a_failing_batch_fails_only_its_own_jobs() -> None:
+    forward = Forward(poison="bad")
+    forward.gate.clear()
+    q = queue(forward, limits(tokens=1000, pairs=2, wait_ms=50))
+    blocker = asyncio.ensure_future(q.submit(items("first", [1])))
+    await asyncio.to_thread(forward.entered.wait, 5)
+    # Next step: bad's long items sort into their own batch, good's short ones into another.
+    bad = asyncio.ensure_future(q.submit(items("bad", [400, 400])))
+    good = asyncio.ensure_future(q.submit(items("good", [10, 10, 10])))
+    await asyncio.sleep(0.01)
+    forward.gate.set()
+    assert await blocker == ["first:0"]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        await bad
+    assert await good == ["good:0", "good:1", "good:2"]
+    assert q.stats.failed_batches == 1 and q.stats.queued == 0
+    assert await q.submit(items("after", [3])) == ["after:0"]
+    await q.aclose()
+
+
+async def test_a_wrong_number_of_results_is_an_error_not_a_misrouting() -> None:
+    q: BatchQueue[int, int] = BatchQueue(lambda batch: batch[:-1], lambda item: 1, limits())
+    with pytest.raises(RuntimeError, match="returned 2 results for a batch of 3"):
+        await q.submit([1, 2, 3])
+    await q.aclose()
+
+
+async def test_a_batch_waits_for_company_up_to_max_wait_ms() -> None:
+    forward = Forward()
+    q = queue(forward, limits(pairs=64, wait_ms=300))
+    first = asyncio.ensure_future(q.submit(items("a", [5, 5])))
+    await asyncio.sleep(0.03)
+    second = asyncio.ensure_future(q.submit(items("b", [5])))
+    await asyncio.gather(first, second)
+    assert len(forward.batches) == 1 and len(forward.batches[0]) == 3
+
+
+async def test_a_full_batch_does_not_wait() -> None:
+    forward = Forward()
+    q = queue(forward, limits(pairs=4, wait_ms=60_000))
+    started = time.monotonic()
+    assert await q.submit(items("a", [5] * 4)) == [f"a:{i}" for i in range(4)]
+    assert time.monotonic() - started < 5
+    await q.aclose()
+
+
+async def test_close_fails_what_is_still_queued() -> None:
+    forward = Forward()
+    forward.gate.clear()
+    q = queue(forward, limits(pairs=1))
+    running = asyncio.ensure_future(q.submit(items("a", [5, 5])))
+    await asyncio.to_thread(forward.entered.wait, 5)
+    waiting = asyncio.ensure_future(q.submit(items("b", [5])))
+    await asyncio.sleep(0.01)
+    await q.aclose()
+    forward.gate.set()
+    for fut in (running, waiting):
+        with pytest.raises(QueueClosed):
+            await fut
+    with pytest.raises(QueueClosed):
+        await q.submit(items("c", [1]))
