@@ -87,7 +87,11 @@ class RerankConfig:
     enabled: bool = _opt(True, "Rerank searches; false makes the proxy a plain pass-through.")
     model: str = _opt(
         "cross-encoder/msmarco-MiniLM-L6-en-de-v1",
-        "Cross-encoder: a Hugging Face model id or a local folder.",
+        "The reranking model: a Hugging Face model id or a local folder.",
+    )
+    scorer: str = _opt(
+        "cross-encoder",
+        "cross-encoder (the model reads query and passage together) or bi-encoder (cosine of embeddings).",
     )
     field: tuple[str, ...] = _opt(
         ("text",),
@@ -126,12 +130,20 @@ class RerankConfig:
         "Pairs waiting for the model, at most; a search beyond it is answered in Elasticsearch's order.",
     )
     cache_entries: int = _opt(
-        0, "Scores kept in an LRU keyed by model, query and passage hash; 0 turns the cache off."
+        0,
+        "LRU entries, 0 for none: scores keyed by model, query and passage hash (cross-encoder), "
+        "passage embeddings keyed by passage hash (bi-encoder).",
     )
     timeout_ms: int = _opt(5000, "Milliseconds reranking may take; past it the original order is returned.")
 
     def __post_init__(self) -> None:
         _check(bool(self.model.strip()), "rerank.model", self.model, "must not be empty")
+        _check(
+            self.scorer in {"cross-encoder", "bi-encoder"},
+            "rerank.scorer",
+            self.scorer,
+            "must be cross-encoder or bi-encoder",
+        )
         _check(
             len(self.field) > 0 and all(f.strip() for f in self.field),
             "rerank.field",

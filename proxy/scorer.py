@@ -113,18 +113,23 @@ class EngineScorer:
 
 def build_model(cfg: RerankConfig) -> Model:
     """Load the configured model; blocking (seconds), so call it off the event loop."""
+    from .bi_encoder import BiEncoderModel
     from .cross_encoder import CrossEncoderModel
 
-    model = CrossEncoderModel(
-        cfg.model,
-        max_length=cfg.max_length,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        compile=cfg.compile,
-        threads=cfg.threads,
-        max_windows=cfg.max_windows,
-        window_overlap=cfg.window_overlap,
-    )
+    common: dict[str, Any] = {
+        "max_length": cfg.max_length,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "compile": cfg.compile,
+        "threads": cfg.threads,
+        "max_windows": cfg.max_windows,
+        "window_overlap": cfg.window_overlap,
+    }
+    model: Model
+    if cfg.scorer == "bi-encoder":
+        model = BiEncoderModel(cfg.model, cache_entries=cfg.cache_entries, **common)
+    else:
+        model = CrossEncoderModel(cfg.model, **common)
     if cfg.warmup:
         model.warm_up(cfg.max_batch_pairs)
     return model
@@ -134,4 +139,7 @@ async def load_scorer(cfg: RerankConfig) -> EngineScorer:
     """Load and warm the model off the event loop, then put it behind its batching queue."""
     model = await asyncio.to_thread(build_model, cfg)
     log.info("scorer %s (%s) ready", model.name, model.kind)
-    return EngineScorer(model, limits_of(cfg, model.device), cfg.cache_entries)
+    # A bi-encoder caches passage embeddings itself, which serves every query; a score cache on top
+    # would only hold copies.
+    scores_cached = cfg.cache_entries if model.kind == "cross-encoder" else 0
+    return EngineScorer(model, limits_of(cfg, model.device), scores_cached)

@@ -11,12 +11,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def build_tiny_cross_encoder(
-    folder: Path, corpus: Iterable[str], *, num_labels: int = 1, seed: int = 0
-) -> Path:
-    import torch
+def _tokenizer(folder: Path, corpus: Iterable[str]) -> int:
+    """A WordPiece tokenizer trained on ``corpus``, saved in ``folder``; returns its vocabulary size."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -32,25 +30,92 @@ def build_tiny_cross_encoder(
     fast = BertTokenizerFast(tokenizer_object=tok, model_max_length=512)
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(folder)
+    return int(tok.get_vocab_size())
 
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=tok.get_vocab_size(),
+
+def _bert_config(vocab_size: int, **kw: object) -> object:
+    from transformers import BertConfig
+
+    # Wide random weights: scores must spread far beyond float32 noise (batched vs single-pair
+    # passes differ by ~1e-6), or near-ties would make expected orders flaky.
+    return BertConfig(
+        vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=512,
-        num_labels=num_labels,
-        # Wide random weights: scores must spread far beyond float32 noise (batched vs single-pair
-        # passes differ by ~1e-6), or near-ties would make expected orders flaky.
         initializer_range=0.5,
+        **kw,
     )
-    model = BertForSequenceClassification(config).eval()
+
+
+def build_tiny_cross_encoder(
+    folder: Path, corpus: Iterable[str], *, num_labels: int = 1, seed: int = 0
+) -> Path:
+    import torch
+    from transformers import BertForSequenceClassification
+
+    vocab = _tokenizer(folder, corpus)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(_bert_config(vocab, num_labels=num_labels)).eval()  # type: ignore[arg-type]
     with torch.no_grad():
         model.classifier.weight.normal_(0.0, 5.0)
     model.save_pretrained(folder)
     return folder
+
+
+def build_tiny_bi_encoder(
+    folder: Path, corpus: Iterable[str], *, pooling: str | None = "mean", seed: int = 0
+) -> Path:
+    """A random BERT encoder; ``pooling`` cls/mean writes a sentence-transformers layout, None a plain
+    transformers folder."""
+    import json
+
+    import torch
+    from transformers import BertModel
+
+    vocab = _tokenizer(folder, corpus)
+    torch.manual_seed(seed)
+    BertModel(_bert_config(vocab), add_pooling_layer=False).eval().save_pretrained(folder)  # type: ignore[arg-type]
+    if pooling is not None:
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ]
+        (folder / "modules.json").write_text(json.dumps(modules))
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        (folder / "1_Pooling" / "config.json").write_text(
+            json.dumps(
+                {
+                    "word_embedding_dimension": 32,
+                    "pooling_mode_cls_token": pooling == "cls",
+                    "pooling_mode_mean_tokens": pooling == "mean",
+                }
+            )
+        )
+    return folder
+
+
+def reference_cosines(
+    folder: Path, query: str, passages: list[str], pooling: str, max_length: int
+) -> list[float]:
+    """Cosine scores computed the plain transformers way, one text at a time."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+
+    def embed(text: str) -> torch.Tensor:
+        enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**enc).last_hidden_state[0]
+        return hidden[0] if pooling == "cls" else hidden.mean(0)
+
+    q = embed(query)
+    return [float(torch.nn.functional.cosine_similarity(q, embed(p), dim=0)) for p in passages]
 
 
 def reference_scores(folder: Path, query: str, passages: list[str], max_length: int = 256) -> list[float]:
