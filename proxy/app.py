@@ -32,7 +32,8 @@ from .search_plan import (
     parse_overrides,
     plan_search,
 )
-from .search_response import apply_order, candidates
+from .search_response import apply_order, candidates, reranked_ids
+from .stats import ProxyStats
 from .upstream import Upstream, UpstreamResponse, forwardable
 
 log = logging.getLogger("proxy")
@@ -40,6 +41,8 @@ log = logging.getLogger("proxy")
 CONFIG_KEY = web.AppKey("config", Config)
 UPSTREAM_KEY = web.AppKey("upstream", Upstream)
 SCORER_KEY = web.AppKey("scorer", Scorer)
+STATS_KEY = web.AppKey("stats", ProxyStats)
+STATS_PATH = "/_rerank/stats"  # Elasticsearch has no API under /_rerank
 
 STATUS_HEADER = "X-Rerank-Status"  # "reranked" or "skipped"
 REASON_HEADER = "X-Rerank-Reason"  # why it was skipped
@@ -52,7 +55,11 @@ async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:
-        return await handler(request)
+        resp = await handler(request)
+        status = resp.headers.get(STATUS_HEADER)
+        if status is not None:
+            request.app[STATS_KEY].outcome(status, resp.headers.get(REASON_HEADER))
+        return resp
     except ProxyError as exc:
         log.warning("%s %s -> %d %s", request.method, request.path, exc.status, exc.reason)
         return json_response(exc.status, es_error_body(exc.status, exc.es_type, exc.reason))
@@ -188,6 +195,8 @@ async def rerank_search(
         log.warning("reranking skipped (%s): %s", exc.reason, exc)
         scores, extra = None, _skipped(exc.reason)
     extra[TOOK_HEADER] = f"{(time.perf_counter() - started) * 1000:.1f}"
+    if scores is not None and plan.relevant is not None:
+        _track_relevance(request.app[STATS_KEY], data, plan, scores)
     out = forwardable(resp.headers, drop=("Content-Encoding",))
     out.update(extra)
     return web.Response(status=200, body=orjson.dumps(apply_order(data, plan, scores)), headers=out)
@@ -210,6 +219,25 @@ async def _score(scorer: Scorer, plan: RerankPlan, texts: list[str], cfg: Config
     return scores
 
 
+def _track_relevance(stats: ProxyStats, data: dict[str, Any], plan: RerankPlan, scores: list[float]) -> None:
+    assert plan.relevant is not None
+    original, reranked = reranked_ids(data, plan, scores)
+    try:
+        figures = stats.relevance.record(plan.relevant, original, reranked)
+    except ValueError as exc:  # e.g. one _id from two indices: the ranking is not a ranking of ids
+        log.info("relevance not tracked for this search: %s", exc)
+        return
+    log.debug("judged search: %s", figures)
+
+
+async def handle_stats(request: web.Request) -> web.Response:
+    scorer = request.app.get(SCORER_KEY)
+    queue = getattr(getattr(scorer, "queue", None), "stats", None)
+    body = request.app[STATS_KEY].snapshot(queue)
+    body["model"] = getattr(scorer, "name", None)
+    return json_response(200, body)
+
+
 def without_params(raw_path: str, drop: frozenset[str]) -> str:
     """The raw path and query string minus the named parameters, other bytes untouched."""
     path, sep, query = raw_path.partition("?")
@@ -229,6 +257,7 @@ def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
     """The proxy app; ``scorer`` replaces the configured model (tests inject fakes here)."""
     app = web.Application(middlewares=[error_middleware])  # body limit: read_body, streaming
     app[CONFIG_KEY] = cfg
+    app[STATS_KEY] = ProxyStats()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         app[UPSTREAM_KEY] = Upstream(cfg.upstream)
@@ -245,5 +274,6 @@ def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
                 await app[SCORER_KEY].aclose()
 
     app.cleanup_ctx.append(resources)
+    app.router.add_get(STATS_PATH, handle_stats)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -51,6 +51,7 @@ class Overrides:
     fields: tuple[str, ...] | None = None
     top_k: int | None = None
     enabled: bool | None = None
+    relevant: dict[str, int] | None = None  # judged doc ids -> grade, for online relevance tracking
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class RerankPlan:
     dropped_params: frozenset[str]
     body: dict[str, Any]
     source: SourcePatch | None
+    relevant: dict[str, int] | None = None
 
 
 def is_search_path(method: str, path: str) -> bool:
@@ -121,11 +123,11 @@ def parse_overrides(headers: Mapping[str, str], body: dict[str, Any] | None) -> 
     if raw is not None:
         if not isinstance(raw, dict):
             raise BadRequest(f"[{OVERRIDE_KEY}] must be an object")
-        unknown = set(raw) - {"query", "field", "top_k", "enabled"}
+        unknown = set(raw) - {"query", "field", "top_k", "enabled", "relevant"}
         if unknown:
             raise BadRequest(
                 f"[{OVERRIDE_KEY}] unknown option [{sorted(unknown)[0]}]; "
-                "expected query, field, top_k or enabled"
+                "expected query, field, top_k, enabled or relevant"
             )
         if "query" in raw:
             if not isinstance(raw["query"], str):
@@ -137,9 +139,24 @@ def parse_overrides(headers: Mapping[str, str], body: dict[str, Any] | None) -> 
             top_k = _int(raw["top_k"], f"{OVERRIDE_KEY}.top_k", 1)
         if "enabled" in raw:
             enabled = _bool(raw["enabled"], f"{OVERRIDE_KEY}.enabled")
+        relevant = _relevant(raw["relevant"]) if "relevant" in raw else None
+    else:
+        relevant = None
     if query is not None and not query.strip():
         raise BadRequest("the rerank query override must not be empty")
-    return Overrides(query, fields, top_k, enabled)
+    return Overrides(query, fields, top_k, enabled, relevant)
+
+
+def _relevant(value: Any) -> dict[str, int]:
+    """Judgements for online tracking: a list of relevant ``_id``s (grade 1), or ``{_id: grade}``."""
+    name = f"{OVERRIDE_KEY}.relevant"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return dict.fromkeys(value, 1)
+    if isinstance(value, dict) and all(
+        isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in value.values()
+    ):
+        return {str(k): int(g) for k, g in value.items()}
+    raise BadRequest(f"[{name}] must be a list of document ids or an object of id to grade (integer >= 0)")
 
 
 def _is_score_sort(sort: Any) -> bool:
@@ -223,4 +240,4 @@ def plan_search(
     upstream_body["size"] = max(top_k, start + size)
     if patch is not None:
         upstream_body["_source"] = patch.upstream.to_body()
-    return RerankPlan(query, fields, top_k, start, size, dropped, upstream_body, patch)
+    return RerankPlan(query, fields, top_k, start, size, dropped, upstream_body, patch, overrides.relevant)

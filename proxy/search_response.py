@@ -61,6 +61,17 @@ def candidates(response: dict[str, Any], plan: RerankPlan) -> list[str]:
     return [passage_text(hit, plan.fields) for hit in hits[: plan.top_k]]
 
 
+def reranked_ids(
+    response: dict[str, Any], plan: RerankPlan, scores: Sequence[float]
+) -> tuple[list[str], list[str]]:
+    """The reranked window's ``_id``s in Elasticsearch's order and in the new order (the order
+    :func:`apply_order` gives them): what online relevance tracking compares."""
+    head = response.get("hits", {}).get("hits", [])[: plan.top_k]
+    original = [str(hit.get("_id")) for hit in head]
+    order = sorted(range(len(original)), key=lambda i: -scores[i])
+    return original, [original[i] for i in order]
+
+
 def apply_order(response: dict[str, Any], plan: RerankPlan, scores: Sequence[float] | None) -> dict[str, Any]:
     """The client's window of the response; reranked by ``scores``, or in Elasticsearch's order if None.
 

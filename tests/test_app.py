@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -431,4 +432,50 @@ async def test_a_rerank_timeout_frees_the_queue_too(make_proxy: Factory) -> None
     assert resp.headers["X-Rerank-Reason"] == "rerank_timeout" and ids(await resp.json()) == ["0", "1"]
     assert scorer.queue.stats.queued == 0
     model.gate.set()
+    await scorer.aclose()
+
+
+async def test_judged_searches_track_relevance_of_both_orders(make_proxy: Factory) -> None:
+    client, upstream = await make_proxy(top_k=10)
+    query = {"match": {"text": "q"}}
+    # The fake scorer reverses Elasticsearch's top 10: doc 9 goes from rank 10 to rank 1.
+    resp = await client.post("/i/_search?size=3", json={"query": query, "_rerank": {"relevant": ["9"]}})
+    assert resp.headers["X-Rerank-Status"] == "reranked" and ids(await resp.json()) == ["9", "8", "7"]
+    assert "_rerank" not in orjson.loads(upstream.seen[-1]["body"])
+    await client.post("/i/_search", json={"query": query, "_rerank": {"relevant": {"0": 2, "5": 1}}})
+    await client.post("/i/_search", json={"query": query})  # unjudged: counted, not tracked
+    await client.post("/i/_search", json={"query": query, "sort": ["n"]})  # not reranked
+    stats = await (await client.get("/_rerank/stats")).json()
+    assert stats["searches"] == {"reranked": 3, "skipped": {"sort": 1}}
+    rel = stats["relevance"]
+    assert rel["judged_searches"] == 2
+    # Search 1: MRR 1/10 -> 1. Search 2 (doc 0 grade 2 at rank 1 -> 10, doc 5 grade 1 at 6 -> 5).
+    assert rel["original_mrr@10"] == pytest.approx((0.1 + 1.0) / 2)
+    assert rel["reranked_mrr@10"] == pytest.approx((1.0 + 1 / 5) / 2)
+    ideal = 2 + 1 / math.log2(3)
+    original_2 = (2 + 1 / math.log2(7)) / ideal
+    reranked_2 = (1 / math.log2(6) + 2 / math.log2(11)) / ideal
+    assert rel["original_ndcg@10"] == pytest.approx((1 / math.log2(11) + original_2) / 2)
+    assert rel["reranked_ndcg@10"] == pytest.approx((1.0 + reranked_2) / 2)
+    assert stats["model"] == "fake"
+
+
+@pytest.mark.parametrize("bad", [["1", 2], {"1": -1}, {"1": "high"}, "1", {"1": True}])
+async def test_malformed_judgements_are_an_es_shaped_400(make_proxy: Factory, bad: Any) -> None:
+    client, upstream = await make_proxy()
+    resp = await client.post(
+        "/i/_search", json={"query": {"match": {"text": "q"}}, "_rerank": {"relevant": bad}}
+    )
+    data = await resp.json()
+    assert resp.status == 400 and "_rerank.relevant" in data["error"]["reason"]
+    assert upstream.seen == []
+
+
+async def test_stats_show_the_queue_of_a_real_engine(make_proxy: Factory) -> None:
+    model, scorer = gated_scorer()
+    model.gate.set()
+    client, _ = await make_proxy(scorer, top_k=10)
+    await client.post("/i/_search", json={"query": {"match": {"text": "q"}}})
+    stats = await (await client.get("/_rerank/stats")).json()
+    assert stats["queue"]["items"] == 10 and stats["queue"]["queued"] == 0 and stats["model"] == "gated"
     await scorer.aclose()

@@ -24,9 +24,9 @@ DATA = ROOT.parent / "shared" / "data" / "trec-dl19"
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data/trec-dl19 is not beside the clone")
 def test_throughput_benchmark_runs_end_to_end(es_url: str, tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
+    cmd = [sys.executable, "benchmarks/throughput.py", "--model", "tiny", "--quick", "--es-url", es_url]
     run = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--model", "tiny", "--quick", "--es-url", es_url]
-        + ["--out", str(out)],
+        [*cmd, "--out", str(out)],
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
