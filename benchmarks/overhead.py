@@ -19,9 +19,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,30 +28,20 @@ from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "noveleval"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import datasets
+from benchmarks.common import ROOT, elasticsearch, machine, model_folder, pct, proxy_process
+
 INDEX = "bench-noveleval"
 
 
 def load_noveleval() -> tuple[list[tuple[str, str]], list[str]]:
-    if not (DATA / "corpus.tsv").is_file():
-        sys.exit(f"overhead.py: NovelEval not found at {DATA} (see ../shared/data/README.md)")
-    docs = [tuple(line.split("\t", 1)) for line in (DATA / "corpus.tsv").read_text().splitlines() if line]
-    queries = [line.split("\t", 1)[1] for line in (DATA / "queries.tsv").read_text().splitlines() if line]
-    return [(d[0], d[1]) for d in docs], queries
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    try:
+        col = datasets.noveleval()
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"overhead.py: {exc}") from None
+    return list(col.corpus.items()), list(col.queries.values())
 
 
 async def timed(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[float, Any]:
@@ -135,75 +123,17 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     docs, queries = load_noveleval()
 
-    started_es = False
-    es_url = args.es_url
-    if not es_url:
-        env = {**os.environ, "ES_PORT": "9270"}
-        es_url = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "elasticsearch.sh"), "start"],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        started_es = True
-    model = args.model
-    tmp = tempfile.TemporaryDirectory()
-    if not model:
-        sys.path.insert(0, str(ROOT))
-        from tests.tiny_model import build_tiny_cross_encoder
-
-        model = str(build_tiny_cross_encoder(Path(tmp.name) / "tiny", [t for _, t in docs]))
-    port = free_port()
-    proxy = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "proxy.cli",
-            "--upstream",
-            es_url,
-            "--server-port",
-            str(port),
-            "--rerank-model",
-            model,
-            "--rerank-top-k",
-            str(args.top_k),
-            "--rerank-timeout-ms",
-            "60000",
-            "--server-log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-    )
-    proxy_url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                import urllib.request
-
-                urllib.request.urlopen(f"{proxy_url}/_cluster/health", timeout=1)
-                break
-            except Exception:
-                if proxy.poll() is not None:
-                    sys.exit("overhead.py: the proxy exited during start-up")
-                time.sleep(0.2)
-        result = asyncio.run(run(es_url, proxy_url, args.requests, docs, queries))
-    finally:
-        proxy.terminate()
-        proxy.wait(30)
-        if started_es:
-            subprocess.run(
-                ["bash", str(ROOT / "scripts" / "elasticsearch.sh"), "stop"],
-                env={**os.environ, "ES_PORT": "9270"},
-                capture_output=True,
-            )
-        tmp.cleanup()
+    with elasticsearch(args.es_url) as es_url, tempfile.TemporaryDirectory() as tmp:
+        model, _ = model_folder(args.model or "tiny", Path(tmp), [t for _, t in docs])
+        flags = ["--rerank-top-k", str(args.top_k), "--rerank-timeout-ms", "60000"]
+        with proxy_process(es_url, model, *flags) as (proxy_url, _proc):
+            result = asyncio.run(run(es_url, proxy_url, args.requests, docs, queries))
     result["setup"] = {
         "model": args.model or "tiny random BERT (2 layers, hidden 32), built locally",
         "top_k": args.top_k,
         "requests": args.requests,
         "corpus": "NovelEval (420 passages, 21 queries)",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "machine": machine(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

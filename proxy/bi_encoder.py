@@ -19,16 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .cross_encoder import Encoded
-from .runtime import (
-    batch_tensors,
-    describe_load_error,
-    load_weights,
-    maybe_compile,
-    pick_device,
-    pick_dtype,
-    set_cpu_threads,
-)
+from .runtime import Encoded, TransformerModel, describe_load_error
 from .score_cache import passage_key
 
 log = logging.getLogger(__name__)
@@ -58,44 +49,18 @@ def pooling_of(folder: Path) -> str:
     return "mean"
 
 
-class BiEncoderModel:
+class BiEncoderModel(TransformerModel):
     kind = "bi-encoder"
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        max_length: int,
-        device: str = "auto",
-        dtype: str = "auto",
-        compile: bool = False,
-        threads: int = 0,
-        max_windows: int = 1,
-        window_overlap: int = 32,
-        cache_entries: int = 0,
-    ) -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+    def __init__(self, model: str, *, cache_entries: int = 0, **options: Any) -> None:
+        """``options``: those of :class:`~proxy.runtime.TransformerModel`."""
+        from transformers import AutoModel
 
-        self.name = model
-        self.max_length = max_length
-        self.max_windows = max_windows
-        self.window_overlap = window_overlap
-        self.device = pick_device(device)
-        bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        self.dtype = pick_dtype(dtype, self.device, bf16)
-        if self.device == "cpu":
-            set_cpu_threads(threads)
+        super().__init__(model, AutoModel, **options)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            net = load_weights(AutoModel, model, self.dtype)
             self.pooling = pooling_of(Path(model)) if Path(model).is_dir() else "mean"
         except (OSError, ValueError) as exc:
             raise describe_load_error("rerank.model", model, exc) from exc
-        self.net = net.to(self.device).eval()
-        self.forward = maybe_compile(self.net, compile)
-        self._uses_types = "token_type_ids" in self.tokenizer.model_input_names
-        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cache: OrderedDict[tuple[str, str, bytes], Any] = OrderedDict()
         self._cache_entries = cache_entries
         self._lock = threading.Lock()  # encode runs on the tokenizer thread, reduce on the loop
@@ -110,18 +75,10 @@ class BiEncoderModel:
             truncation=True,
             max_length=self.max_length,
             return_attention_mask=False,
-            return_token_type_ids=self._uses_types,
+            return_token_type_ids=self.uses_types,
             **extra,
         )
-        owners: list[int] = enc["overflow_to_sample_mapping"] if windows else list(range(len(texts)))
-        types = enc["token_type_ids"] if self._uses_types else [None] * len(owners)
-        items, kept, per_text = [], [], [0] * len(texts)
-        for ids, t, owner in zip(enc["input_ids"], types, owners, strict=True):
-            if per_text[owner] < self.max_windows:
-                per_text[owner] += 1
-                items.append(Encoded(ids, t))
-                kept.append(owner)
-        return items, kept
+        return self.items(enc, len(texts), windows)
 
     def encode(self, query: str, passages: Sequence[str]) -> tuple[list[Encoded], Plan]:
         """The query's item, then items for the passages whose embedding is not cached yet."""
@@ -140,19 +97,11 @@ class BiEncoderModel:
         owners = [QUERY] + [todo[o] for o in p_owners]
         return q_items + p_items, Plan(owners, cached, [(passages[i], i) for i in todo])
 
-    def item_length(self, item: Encoded) -> int:
-        return len(item.ids)
-
     def run_batch(self, batch: list[Encoded]) -> list[Any]:
         """Embeddings (float32, on the CPU) of one batch; blocking, on the model thread."""
         import torch
 
-        tensors = batch_tensors(
-            [e.ids for e in batch],
-            [e.types or [] for e in batch] if self._uses_types else None,
-            self._pad_id,
-            self.device,
-        )
+        tensors = self.tensors(batch)
         with torch.inference_mode():
             hidden = self.forward(**tensors).last_hidden_state
             if self.pooling == "cls":

@@ -17,76 +17,27 @@ over pairs that may come from several searches (on the model thread).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-from .runtime import (
-    ModelLoadError,
-    batch_tensors,
-    describe_load_error,
-    load_weights,
-    maybe_compile,
-    pick_device,
-    pick_dtype,
-    set_cpu_threads,
-)
-
-log = logging.getLogger(__name__)
+from .runtime import Encoded, ModelLoadError, TransformerModel
 
 
-class Encoded(NamedTuple):
-    """One tokenized input: ids, and segment ids where the architecture uses them."""
-
-    ids: list[int]
-    types: list[int] | None
-
-
-class CrossEncoderModel:
+class CrossEncoderModel(TransformerModel):
     kind = "cross-encoder"
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        max_length: int,
-        device: str = "auto",
-        dtype: str = "auto",
-        compile: bool = False,
-        threads: int = 0,
-        max_windows: int = 1,
-        window_overlap: int = 32,
-    ) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def __init__(self, model: str, **options: Any) -> None:
+        """``options``: those of :class:`~proxy.runtime.TransformerModel`."""
+        from transformers import AutoModelForSequenceClassification
 
-        self.name = model
-        self.max_length = max_length
-        self.max_windows = max_windows
-        self.window_overlap = window_overlap
-        self.device = pick_device(device)
-        bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        self.dtype = pick_dtype(dtype, self.device, bf16)
-        if self.device == "cpu":
-            set_cpu_threads(threads)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            net = load_weights(AutoModelForSequenceClassification, model, self.dtype)
-        except (OSError, ValueError) as exc:
-            raise describe_load_error("rerank.model", model, exc) from exc
-        labels = net.config.num_labels
+        super().__init__(model, AutoModelForSequenceClassification, **options)
+        labels = self.net.config.num_labels
         if labels not in (1, 2):
             raise ModelLoadError(
                 f"rerank.model: {model!r} has {labels} output labels; a reranker needs 1 or 2"
             )
-        if not getattr(self.tokenizer, "is_fast", False):
-            log.warning("model %s has no fast tokenizer; tokenizing will be slower", model)
-        self.net = net.to(self.device).eval()
-        self.forward = maybe_compile(self.net, compile)
         self._two_logits = labels == 2
-        self._max_query_tokens = max(1, max_length // 2)
-        self._uses_types = "token_type_ids" in self.tokenizer.model_input_names
-        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._max_query_tokens = max(1, self.max_length // 2)
 
     def _clip_query(self, query: str) -> str:
         enc = self.tokenizer(query, add_special_tokens=False, return_offsets_mapping=True)
@@ -115,21 +66,10 @@ class CrossEncoderModel:
             truncation="only_second",
             max_length=self.max_length,
             return_attention_mask=False,
-            return_token_type_ids=self._uses_types,
+            return_token_type_ids=self.uses_types,
             **extra,
         )
-        owners: list[int] = enc["overflow_to_sample_mapping"] if windows else list(range(len(passages)))
-        types = enc["token_type_ids"] if self._uses_types else [None] * len(owners)
-        items, kept, per_passage = [], [], [0] * len(passages)
-        for ids, t, owner in zip(enc["input_ids"], types, owners, strict=True):
-            if per_passage[owner] < self.max_windows:
-                per_passage[owner] += 1
-                items.append(Encoded(ids, t))
-                kept.append(owner)
-        return items, kept
-
-    def item_length(self, item: Encoded) -> int:
-        return len(item.ids)
+        return self.items(enc, len(passages), windows)
 
     def reduce(self, results: Sequence[float], owners: list[int], n_passages: int) -> list[float]:
         """One score per passage: its best window's (a single window is the common case)."""
@@ -142,14 +82,8 @@ class CrossEncoderModel:
         """One forward pass; blocking, on the model thread."""
         import torch
 
-        tensors = batch_tensors(
-            [e.ids for e in batch],
-            [e.types or [] for e in batch] if self._uses_types else None,
-            self._pad_id,
-            self.device,
-        )
         with torch.inference_mode():
-            logits = self.forward(**tensors).logits.float()
+            logits = self.forward(**self.tensors(batch)).logits.float()
             values = logits[:, 1] - logits[:, 0] if self._two_logits else logits[:, 0]
             return [float(v) for v in values.tolist()]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +121,74 @@ def maybe_compile(model: Any, enabled: bool) -> Any:
     import torch
 
     return torch.compile(model, dynamic=True)
+
+
+class Encoded(NamedTuple):
+    """One tokenized queue item: ids, and segment ids where the architecture uses them."""
+
+    ids: list[int]
+    types: list[int] | None
+
+
+class TransformerModel:
+    """What both scorer kinds share: loading onto the configured device and precision, the
+    tokenizer's shape, windows of long texts, and one padded batch from tokenized items."""
+
+    kind = "transformer"
+
+    def __init__(
+        self,
+        model: str,
+        loader: Any,
+        *,
+        max_length: int,
+        device: str = "auto",
+        dtype: str = "auto",
+        compile: bool = False,
+        threads: int = 0,
+        max_windows: int = 1,
+        window_overlap: int = 32,
+    ) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        self.name = model
+        self.max_length = max_length
+        self.max_windows = max_windows
+        self.window_overlap = window_overlap
+        self.device = pick_device(device)
+        bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        self.dtype = pick_dtype(dtype, self.device, bf16)
+        if self.device == "cpu":
+            set_cpu_threads(threads)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            net = load_weights(loader, model, self.dtype)
+        except (OSError, ValueError) as exc:
+            raise describe_load_error("rerank.model", model, exc) from exc
+        if not getattr(self.tokenizer, "is_fast", False):
+            log.warning("model %s has no fast tokenizer; tokenizing will be slower", model)
+        self.net = net.to(self.device).eval()
+        self.forward = maybe_compile(self.net, compile)
+        self.uses_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def item_length(self, item: Encoded) -> int:
+        return len(item.ids)
+
+    def tensors(self, batch: Sequence[Encoded]) -> dict[str, Any]:
+        types = [e.types or [] for e in batch] if self.uses_types else None
+        return batch_tensors([e.ids for e in batch], types, self.pad_id, self.device)
+
+    def items(self, enc: Any, n_texts: int, windows: bool) -> tuple[list[Encoded], list[int]]:
+        """Queue items from a tokenizer output, and per item the index of the text it came from;
+        with ``windows``, at most ``max_windows`` of each text's overflowing windows."""
+        owners: list[int] = enc["overflow_to_sample_mapping"] if windows else list(range(n_texts))
+        types = enc["token_type_ids"] if self.uses_types else [None] * len(owners)
+        items, kept, per_text = [], [], [0] * n_texts
+        for ids, t, owner in zip(enc["input_ids"], types, owners, strict=True):
+            if per_text[owner] < self.max_windows:
+                per_text[owner] += 1
+                items.append(Encoded(ids, t))
+                kept.append(owner)
+        return items, kept
