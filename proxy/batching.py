@@ -124,19 +124,25 @@ class BatchQueue(Generic[T, R]):
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
 
-    async def submit(self, items: Sequence[T]) -> list[R]:
-        """Results for ``items`` in their order; raises :class:`QueueFull`, or the batch's error."""
+    def admit(self, n: int) -> None:
+        """Raise :class:`QueueFull` if ``n`` more items would exceed the bound. The one admission
+        rule: :meth:`submit` applies it, and a caller may apply it early to skip tokenizing work
+        that would be refused anyway."""
         if self._closed:
             raise QueueClosed("the scorer is closed")
-        if not items:
-            return []
-        n = len(items)
         if self.stats.queued + n > self.limits.max_queued:
             self.stats.rejected_jobs += 1
             raise QueueFull(
                 f"{self.stats.queued} pairs queued; {n} more would exceed {self.limits.max_queued} "
                 "(rerank.max_queued_pairs)"
             )
+
+    async def submit(self, items: Sequence[T]) -> list[R]:
+        """Results for ``items`` in their order; raises :class:`QueueFull`, or the batch's error."""
+        if not items:
+            return []
+        n = len(items)
+        self.admit(n)
         loop = asyncio.get_running_loop()
         job: _Job[T, R] = _Job(items, [self._length(item) for item in items], loop.create_future())
         self.stats.queued += n

@@ -95,6 +95,7 @@ class EngineScorer:
         )
         todo = [i for i, s in enumerate(cached) if s is None]
         if todo:
+            self.queue.admit(len(todo))  # at least one item per passage: refuse before tokenizing
             texts = [passages[i] for i in todo]
             loop = asyncio.get_running_loop()
             items, plan = await loop.run_in_executor(self._tokenizer_pool, self.model.encode, query, texts)

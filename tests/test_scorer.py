@@ -70,13 +70,20 @@ async def test_no_cache_by_default(tiny_model: Path) -> None:
         await scorer.aclose()
 
 
-async def test_overload_is_refused_before_tokenizing_runs_the_model(tiny_model: Path) -> None:
+async def test_overload_is_refused_before_tokenizing(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = CrossEncoderModel(str(tiny_model), max_length=64, device="cpu")
     scorer = EngineScorer(model, limits_of(config(tiny_model, max_queued_pairs=10)))
+    tokenized: list[int] = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda q, ps: tokenized.append(len(ps)) or encode(q, ps))
     try:
         with pytest.raises(QueueFull):
             await scorer.score("coffee", PASSAGES[:11])
+        assert tokenized == [] and scorer.queue.stats.rejected_jobs == 1
         assert len(await scorer.score("coffee", PASSAGES[:10])) == 10
+        assert tokenized == [10]
     finally:
         await scorer.aclose()
 
