@@ -57,18 +57,23 @@ def machine() -> str:
 
 @contextlib.contextmanager
 def elasticsearch(url: str | None, port: int = 9270) -> Iterator[str]:
-    """``url`` as given, or a local Elasticsearch started (and stopped) with the project's script."""
+    """``url`` as given, or a local Elasticsearch from the project's script; one this started is
+    stopped again, one already running on ``port`` is used and left running."""
     if url:
         yield url.rstrip("/")
         return
     env = {**os.environ, "ES_PORT": str(port)}
-    started = subprocess.run(
-        ["bash", str(ES_SCRIPT), "start"], env=env, check=True, capture_output=True, text=True
+    running = subprocess.run(["bash", str(ES_SCRIPT), "status"], env=env, capture_output=True).returncode == 0
+    if not running:
+        subprocess.run(["bash", str(ES_SCRIPT), "start"], env=env, check=True, capture_output=True)
+    found = subprocess.run(
+        ["bash", str(ES_SCRIPT), "url"], env=env, check=True, capture_output=True, text=True
     )
     try:
-        yield started.stdout.strip()
+        yield found.stdout.strip().splitlines()[-1]
     finally:
-        subprocess.run(["bash", str(ES_SCRIPT), "stop"], env=env, capture_output=True)
+        if not running:
+            subprocess.run(["bash", str(ES_SCRIPT), "stop"], env=env, capture_output=True)
 
 
 @contextlib.contextmanager
