@@ -4,9 +4,10 @@ Cheaper than a cross-encoder in two ways the proxy uses: the query is embedded o
 queue item, not one per pair), and a passage's embedding does not depend on the query, so it is kept
 in an LRU (``rerank.cache_entries``) and a passage seen by an earlier search costs nothing.
 
-Reads a sentence-transformers folder (``modules.json``; the ``Pooling`` module's config says CLS or
-mean pooling; a ``Normalize`` module is moot for a cosine) or a plain transformers encoder folder,
-which gets mean pooling, the sentence-transformers default.
+Reads a sentence-transformers model (``modules.json``; the ``Pooling`` module's config says CLS or
+mean pooling; a ``Normalize`` module is moot for a cosine; ``max_seq_length`` caps the length) or a
+plain transformers encoder, which gets mean pooling, the sentence-transformers default. Local folders
+and Hugging Face ids alike.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,20 +35,57 @@ class Plan(NamedTuple):
     new: list[tuple[str, int]]  # (passage text, index) of passages embedded by this search
 
 
-def pooling_of(folder: Path) -> str:
-    """``cls`` or ``mean``, from a sentence-transformers folder's Pooling module; ``mean`` otherwise."""
-    modules = folder / "modules.json"
-    if not modules.is_file():
-        return "mean"
-    for module in json.loads(modules.read_text()):
-        if module.get("type", "").endswith("Pooling"):
-            config = json.loads((folder / module.get("path", "") / "config.json").read_text())
-            if config.get("pooling_mode_cls_token"):
-                return "cls"
-            if config.get("pooling_mode_mean_tokens", True):
-                return "mean"
-            raise ValueError(f"unsupported pooling in {module.get('path')}: {config}")
-    return "mean"
+_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a sentence-transformers model adds to its transformer: pooling and a length limit."""
+
+    pooling: str  # "cls" or "mean"
+    max_seq_length: int | None = None
+
+
+def model_file(model: str, name: str) -> Path | None:
+    """``name`` inside a local model folder, or from the Hugging Face cache/Hub for a model id."""
+    folder = Path(model)
+    if folder.is_dir():
+        return folder / name if (folder / name).is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model, name))
+    except Exception:  # not in the repository, or offline without it in the cache
+        return None
+
+
+def read_layout(model: str) -> Layout:
+    """The sentence-transformers layout of ``model``; a plain encoder gets mean pooling.
+
+    Only what this scorer reproduces exactly is accepted: a Transformer, one Pooling (CLS or mean,
+    not both: sentence-transformers would concatenate them), an optional Normalize (moot for a
+    cosine). Anything else (a Dense projection, other pooling modes) raises ValueError rather than
+    scoring with silently wrong embeddings.
+    """
+    modules_file = model_file(model, "modules.json")
+    if modules_file is None:
+        return Layout("mean")
+    pooling = "mean"
+    for module in json.loads(modules_file.read_text()):
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        if kind not in _SUPPORTED_MODULES:
+            raise ValueError(f"sentence-transformers module {module.get('path')!r} ({kind}) is not supported")
+        if kind == "Pooling":
+            config_file = model_file(model, f"{module.get('path', '')}/config.json".lstrip("/"))
+            config = json.loads(config_file.read_text()) if config_file else {}
+            modes = sorted(k for k, v in config.items() if k.startswith("pooling_mode_") and v)
+            if modes == ["pooling_mode_cls_token"]:
+                pooling = "cls"
+            elif modes != ["pooling_mode_mean_tokens"]:
+                raise ValueError(f"pooling {modes or 'unspecified'} is not supported; CLS or mean only")
+    st_config = model_file(model, "sentence_bert_config.json")
+    limit = json.loads(st_config.read_text()).get("max_seq_length") if st_config else None
+    return Layout(pooling, int(limit) if limit else None)
 
 
 class BiEncoderModel(TransformerModel):
@@ -58,9 +97,15 @@ class BiEncoderModel(TransformerModel):
 
         super().__init__(model, AutoModel, **options)
         try:
-            self.pooling = pooling_of(Path(self.path)) if Path(self.path).is_dir() else "mean"
+            layout = read_layout(self.path)
         except (OSError, ValueError) as exc:
             raise describe_load_error("rerank.model", model, exc) from exc
+        self.pooling = layout.pooling
+        if layout.max_seq_length and layout.max_seq_length < self.max_length:
+            log.info(
+                "%s was trained on %d tokens: rerank.max_length lowered to that", model, layout.max_seq_length
+            )
+            self.max_length = layout.max_seq_length
         self._cache: OrderedDict[tuple[str, str, bytes], Any] = OrderedDict()
         self._cache_entries = cache_entries
         self._lock = threading.Lock()  # encode runs on the tokenizer thread, reduce on the loop
@@ -85,9 +130,11 @@ class BiEncoderModel(TransformerModel):
         cached: dict[int, Any] = {}
         with self._lock:
             for i, passage in enumerate(passages):
-                hit = self._cache.get(passage_key(self.name, "", passage))
+                key = passage_key(self.name, "", passage)
+                hit = self._cache.get(key)
                 if hit is not None:
                     cached[i] = hit
+                    self._cache.move_to_end(key)
         todo = [i for i in range(len(passages)) if i not in cached]
         q_items, _ = self._tokenize([query], windows=False)
         p_items: list[Encoded] = []
@@ -140,4 +187,3 @@ class BiEncoderModel(TransformerModel):
         long_text = " ".join(["relevance"] * self.max_length)
         items, _ = self.encode("warm up query", [long_text] * min(max_batch_pairs, 8))
         self.run_batch(items)
-        self._cache.clear()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from proxy.bi_encoder import QUERY, BiEncoderModel, pooling_of
+from proxy.bi_encoder import QUERY, BiEncoderModel, read_layout
 from proxy.config import RerankConfig
 from proxy.runtime import ModelLoadError
 from proxy.scorer import load_scorer
@@ -29,7 +31,54 @@ def bi_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 def test_pooling_is_read_from_the_folder(bi_model: tuple[Path, str]) -> None:
     folder, pooling = bi_model
-    assert pooling_of(folder) == pooling
+    assert read_layout(str(folder)).pooling == pooling
+
+
+def _edit(folder: Path, name: str, change: Any) -> None:
+    path = folder / name
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        (
+            "modules.json",
+            lambda m: [
+                *m,
+                {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"},
+            ],
+            r"'3_Dense' \(Dense\) is not supported",
+        ),
+        (
+            "1_Pooling/config.json",
+            lambda c: {**c, "pooling_mode_cls_token": True},
+            "not supported; CLS or mean",
+        ),
+        (
+            "1_Pooling/config.json",
+            lambda c: {"pooling_mode_lasttoken": True, "word_embedding_dimension": 32},
+            r"pooling_mode_lasttoken.*not supported",
+        ),
+    ],
+)
+def test_layouts_it_cannot_reproduce_are_refused_not_guessed(
+    tmp_path: Path, name: str, change: Any, message: str
+) -> None:
+    folder = build_tiny_bi_encoder(tmp_path / "bi", TEXTS, pooling="mean")
+    _edit(folder, name, change)
+    with pytest.raises(ModelLoadError, match=message):
+        BiEncoderModel(str(folder), max_length=64, device="cpu")
+
+
+def test_the_models_own_length_limit_caps_max_length(tmp_path: Path) -> None:
+    folder = build_tiny_bi_encoder(tmp_path / "bi", TEXTS, pooling="mean")
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 40}))
+    model = BiEncoderModel(str(folder), max_length=256, device="cpu")
+    assert model.max_length == 40
+    items, _ = model.encode("coffee", [" ".join(PASSAGES)])
+    assert max(len(item.ids) for item in items) == 40
+    assert BiEncoderModel(str(folder), max_length=32, device="cpu").max_length == 32
 
 
 async def test_scores_are_cosines_of_pooled_embeddings(bi_model: tuple[Path, str]) -> None:
@@ -61,9 +110,12 @@ async def test_query_embedded_once_and_passages_cached_across_queries(tmp_path: 
             reference_cosines(folder, "green tea", PASSAGES[:20], "mean", 64), abs=1e-4
         )
         assert first != again
+        await scorer.score("tea", PASSAGES[:5])  # hits make these five the most recently used
         await scorer.score("coffee", PASSAGES[20:30])  # 10 new passages; the LRU keeps 25
-        assert scorer.queue.stats.items == 22 + 11
+        assert scorer.queue.stats.items == 23 + 11
         assert len(scorer.model._cache) == 25  # type: ignore[attr-defined]
+        await scorer.score("bread", PASSAGES[:5])  # still cached: used recently, not evicted
+        assert scorer.queue.stats.items == 23 + 11 + 1
     finally:
         await scorer.aclose()
 
