@@ -1,5 +1,5 @@
 # Named for what they do; every target works on a fresh clone.
-.PHONY: install run test lint es-start es-stop clean
+.PHONY: install run test lint bench-throughput bench-relevance bench-overhead es-start es-stop clean
 
 install:            ## create .venv and install the proxy with its test tools
 	bash scripts/install.sh
@@ -14,6 +14,15 @@ lint: install       ## ruff + strict mypy
 	.venv/bin/ruff check proxy tests benchmarks
 	.venv/bin/ruff format --check proxy tests benchmarks
 	.venv/bin/mypy
+
+bench-throughput: install   ## engine vs naive loop, latency at 1/8/32 clients (benchmarks/README.md)
+	.venv/bin/python benchmarks/throughput.py $(ARGS)
+
+bench-relevance: install    ## nDCG@10/MRR@10 on DL19, NovelEval, XQuAD, direct and through the proxy
+	.venv/bin/python benchmarks/relevance.py $(ARGS)
+
+bench-overhead: install     ## what the proxy itself adds to a request
+	.venv/bin/python benchmarks/overhead.py $(ARGS)
 
 es-start:           ## a local Elasticsearch on 127.0.0.1:9200
 	bash scripts/elasticsearch.sh start

@@ -37,7 +37,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ class ModelSpec:
     scorer: str  # cross-encoder or bi-encoder
     label: str  # the row's title
     missing: str | None = None  # why source is None
+    max_windows: int = 1  # rerank.max_windows: >1 scores long passages as windows (MaxP)
 
 
 def parse_model(arg: str) -> ModelSpec:
@@ -106,7 +107,13 @@ def scorer_config(spec: ModelSpec) -> RerankConfig:
     """The proxy's defaults (max_length 256, device auto) with the score cache off, so pairs/s is
     the cost of scoring every pair rather than of finding repeats."""
     assert spec.source is not None
-    return RerankConfig(model=spec.source, scorer=spec.scorer, cache_entries=0, max_queued_pairs=1_000_000)
+    return RerankConfig(
+        model=spec.source,
+        scorer=spec.scorer,
+        cache_entries=0,
+        max_queued_pairs=1_000_000,
+        max_windows=spec.max_windows,
+    )
 
 
 def proxy_flags(spec: ModelSpec) -> list[str]:
@@ -122,6 +129,8 @@ def proxy_flags(spec: ModelSpec) -> list[str]:
         "200000",
         "--rerank-max-queued-pairs",
         "1000000",
+        "--rerank-max-windows",
+        str(spec.max_windows),
     ]
 
 
@@ -542,11 +551,21 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=datasets.DEFAULT_ROOT)
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tag", help="file name part: relevance-<tag>.md (default: the model names)")
+    ap.add_argument(
+        "--max-windows", type=int, default=1, help="rerank.max_windows for every model (MaxP when > 1)"
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.max_queries is not None and args.max_queries < 1:
         ap.error("--max-queries must be at least 1")
+    if args.max_windows < 1:
+        ap.error("--max-windows must be at least 1")
     specs = [parse_model(m) for m in args.model or [MINILM_BI]]
+    if args.max_windows > 1:
+        specs = [
+            replace(s, max_windows=args.max_windows, label=f"{s.label}, MaxP x{args.max_windows}")
+            for s in specs
+        ]
     started = time.perf_counter()
     try:
         dl19 = datasets.trec_dl19(args.data)

@@ -9,6 +9,7 @@ Elasticsearch's own BM25 on the same NovelEval index.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,12 @@ def test_minilm_bi_encoder_through_the_proxy_beats_elasticsearch_bm25_on_novelev
     assert bm25["queries"] == reranked["queries"] == 21
     assert reranked["statuses"] == {"reranked": 21} and reranked["not_reranked"] == 0
     assert reranked["ndcg@10"] >= bm25["ndcg@10"] + NOVELEVAL_MARGIN, (bm25["ndcg@10"], reranked["ndcg@10"])
+
+
+def test_max_windows_reaches_both_the_in_process_scorer_and_the_proxy() -> None:
+    spec = replace(relevance.parse_model("/models/ce:cross-encoder"), max_windows=3)
+    assert spec.source == "/models/ce" and spec.scorer == "cross-encoder"
+    assert relevance.scorer_config(spec).max_windows == 3
+    flags = relevance.proxy_flags(spec)
+    assert flags[flags.index("--rerank-max-windows") + 1] == "3"
+    assert flags[flags.index("--rerank-scorer") + 1] == "cross-encoder"
