@@ -22,6 +22,7 @@ from .errors import BadRequest
 from .query_text import extract_query_text, lucene_to_text, text_at_path
 from .source_filter import (
     SOURCE_PARAMS,
+    SourceFilter,
     SourceFilterError,
     SourcePatch,
     parse_source_filter,
@@ -159,26 +160,12 @@ def _relevant(value: Any) -> dict[str, int]:
     raise BadRequest(f"[{name}] must be a list of document ids or an object of id to grade (integer >= 0)")
 
 
-def _is_score_sort(sort: Any) -> bool:
-    """True when a ``sort`` asks only for relevance order, which reranking refines."""
-    items = sort if isinstance(sort, list) else [sort]
-    for item in items:
-        if isinstance(item, str):
-            name, _, order = item.partition(":")
-            if name != "_score" or order not in ("", "desc"):
-                return False
-        elif isinstance(item, dict) and list(item) == ["_score"]:
-            spec = item["_score"]
-            order = spec.get("order", "desc") if isinstance(spec, dict) else spec
-            if order != "desc":
-                return False
-        else:
-            return False
-    return True
-
-
-def _url_sort_is_score(value: str) -> bool:
-    return all(_is_score_sort(part.strip()) for part in value.split(","))
+def _stored_fields_hide_source(body: dict[str, Any], params: dict[str, str]) -> bool:
+    """Elasticsearch returns no ``_source`` when ``stored_fields`` is given and ``_source`` is not
+    asked for explicitly (checked against the server in the integration tests)."""
+    stored = "stored_fields" in params or body.get("stored_fields") is not None
+    explicit = body.get("_source") is not None or any(p in params for p in SOURCE_PARAMS)
+    return stored and not explicit
 
 
 def plan_search(
@@ -202,15 +189,21 @@ def plan_search(
         return Passthrough("filter_path")
     if q.get("stored_fields") == "_none_" or src.get("stored_fields") == "_none_":
         return Passthrough("no_source")
-    size = _int(q["size"] if "size" in q else src.get("size", DEFAULT_SIZE), "size", 0)
-    start = _int(q["from"] if "from" in q else src.get("from", 0), "from", 0)
+    try:
+        size = _int(q["size"] if "size" in q else src.get("size", DEFAULT_SIZE), "size", 0)
+        start = _int(q["from"] if "from" in q else src.get("from", 0), "from", 0)
+    except BadRequest:  # Elasticsearch's options: it judges them, with its own error
+        return Passthrough("invalid_request")
     if size == 0:
         return Passthrough("size_zero")
-    if "sort" in q:
-        if not _url_sort_is_score(q["sort"]):
-            return Passthrough("sort")
-    elif "sort" in src and not _is_score_sort(src["sort"]):
+    # Any explicit sort, even on _score alone: its hits carry sort values that a search_after page
+    # continues from, and no sort value Elasticsearch understands can express the model's order.
+    if "sort" in q or src.get("sort") is not None:
         return Passthrough("sort")
+    # min_score is a threshold on Elasticsearch's scores: model scores on another scale would come
+    # back below it, and hits.total counts by Elasticsearch's scores anyway.
+    if "min_score" in q or src.get("min_score") is not None:
+        return Passthrough("min_score")
 
     query = overrides.query
     if query is None and cfg.query_path:
@@ -230,9 +223,12 @@ def plan_search(
     fields = overrides.fields or cfg.field
 
     try:
-        patch = plan_source(parse_source_filter(src.get("_source"), q), fields)
-    except SourceFilterError as exc:
-        raise BadRequest(str(exc)) from None
+        wanted = parse_source_filter(src.get("_source"), q)
+    except SourceFilterError:
+        return Passthrough("invalid_request")
+    if _stored_fields_hide_source(src, q):
+        wanted = SourceFilter(fetch=False)
+    patch = plan_source(wanted, fields)
 
     dropped = frozenset({"from", "size"} | (set(SOURCE_PARAMS) if patch else set()))
     upstream_body = dict(src)  # only top-level keys change: a shallow copy leaves the caller's intact

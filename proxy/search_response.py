@@ -56,27 +56,40 @@ def passage_text(hit: dict[str, Any], fields: Sequence[str]) -> str:
 
 
 def candidates(response: dict[str, Any], plan: RerankPlan) -> list[str]:
-    """Passage texts of the hits to rerank, in Elasticsearch's order."""
+    """Passage texts of the hits to rerank, in Elasticsearch's order; "" where a hit has none."""
     hits = response.get("hits", {}).get("hits", [])
     return [passage_text(hit, plan.fields) for hit in hits[: plan.top_k]]
 
 
+def served_order(scores: Sequence[float | None]) -> list[int]:
+    """Positions of the reranked head in the served order: scored hits by score (ties keep
+    Elasticsearch's order), then the hits without passage text in Elasticsearch's order."""
+    scored = [(i, s) for i, s in enumerate(scores) if s is not None]
+    scored.sort(key=lambda pair: -pair[1])
+    return [i for i, _ in scored] + [i for i, s in enumerate(scores) if s is None]
+
+
 def reranked_ids(
-    response: dict[str, Any], plan: RerankPlan, scores: Sequence[float]
+    response: dict[str, Any], plan: RerankPlan, scores: Sequence[float | None]
 ) -> tuple[list[str], list[str]]:
-    """The reranked window's ``_id``s in Elasticsearch's order and in the new order (the order
-    :func:`apply_order` gives them): what online relevance tracking compares."""
+    """The reranked window's ``_id``s in Elasticsearch's order and in the served order: what online
+    relevance tracking compares."""
     head = response.get("hits", {}).get("hits", [])[: plan.top_k]
     original = [str(hit.get("_id")) for hit in head]
-    order = sorted(range(len(original)), key=lambda i: -scores[i])
-    return original, [original[i] for i in order]
+    return original, [original[i] for i in served_order(scores)]
 
 
-def apply_order(response: dict[str, Any], plan: RerankPlan, scores: Sequence[float] | None) -> dict[str, Any]:
+def apply_order(
+    response: dict[str, Any], plan: RerankPlan, scores: Sequence[float | None] | None
+) -> dict[str, Any]:
     """The client's window of the response; reranked by ``scores``, or in Elasticsearch's order if None.
 
     Mutates and returns ``response``. ``scores`` has one entry per hit returned by
-    :func:`candidates`.
+    :func:`candidates`, None for a hit without passage text. A reranked answer stays self-consistent:
+    the model's scores are the only ``_score``s in it, so they never disagree with the order;
+    ``max_score`` is their maximum, and the hits the model did not score (no passage text, or past
+    ``top_k``) come after the scored ones with ``_score: null``, as Elasticsearch writes a hit it did
+    not score.
     """
     hits_obj = response.get("hits")
     if not isinstance(hits_obj, dict) or not isinstance(hits_obj.get("hits"), list):
@@ -86,14 +99,14 @@ def apply_order(response: dict[str, Any], plan: RerankPlan, scores: Sequence[flo
         head = hits[: plan.top_k]
         if len(scores) != len(head):
             raise ValueError(f"got {len(scores)} scores for {len(head)} hits")
-        order = sorted(range(len(head)), key=lambda i: -scores[i])
-        reranked = []
-        for i in order:
-            head[i]["_score"] = float(scores[i])
-            reranked.append(head[i])
-        hits = reranked + hits[plan.top_k :]
-        if reranked:
-            hits_obj["max_score"] = reranked[0]["_score"]
+        for hit, score in zip(head, scores, strict=True):
+            hit["_score"] = None if score is None else float(score)
+        for hit in hits[plan.top_k :]:
+            hit["_score"] = None
+        hits = [head[i] for i in served_order(scores)] + hits[plan.top_k :]
+        present = [s for s in scores if s is not None]
+        if present:
+            hits_obj["max_score"] = float(max(present))
     window = hits[plan.start : plan.start + plan.size]
     restore_hits(window, plan.source)
     hits_obj["hits"] = window

@@ -77,11 +77,23 @@ def test_window_is_sliced_after_reranking() -> None:
     assert ids(out) == ["h3", "h2", "h1"]
 
 
-def test_hits_past_top_k_follow_in_es_order_with_their_scores() -> None:
+def test_hits_past_top_k_follow_in_es_order_unscored() -> None:
+    """Elasticsearch's scores of the tail would exceed the model's above them (and max_score): the
+    tail keeps its order with ``_score: null``, as Elasticsearch writes hits it did not score."""
     resp = response(6)
     out = apply_order(resp, make_plan(top_k=3, start=1, size=4), [0.0, 1.0, 2.0])
     assert ids(out) == ["h1", "h0", "h3", "h4"]
-    assert [h["_score"] for h in out["hits"]["hits"]] == [1.0, 0.0, 97.0, 96.0]
+    assert [h["_score"] for h in out["hits"]["hits"]] == [1.0, 0.0, None, None]
+    assert out["hits"]["max_score"] == 2.0
+
+
+def test_hits_without_passage_text_come_after_the_scored_ones() -> None:
+    """A hit the model could not read (None) is never placed by a made-up score: scored hits first,
+    then unscored head hits in Elasticsearch's order, then the tail."""
+    out = apply_order(response(6), make_plan(top_k=4, start=0, size=6), [None, 1.0, None, 3.0])
+    assert ids(out) == ["h3", "h1", "h0", "h2", "h4", "h5"]
+    assert [h["_score"] for h in out["hits"]["hits"]] == [3.0, 1.0, None, None, None, None]
+    assert out["hits"]["max_score"] == 3.0
 
 
 def test_fewer_hits_than_top_k() -> None:
