@@ -20,7 +20,7 @@ from .errors import ProxyError, es_error_body
 from .relay import read_body, relay, request_headers
 from .scorer import Scorer, load_scorer
 from .search import REASON_HEADER, STATUS_HEADER, TOOK_HEADER, SearchPipeline
-from .search_plan import is_search_path
+from .search_plan import search_endpoint
 from .stats import ProxyStats
 from .upstream import Upstream
 
@@ -57,8 +57,9 @@ def json_response(status: int, body: Any, headers: CIMultiDict[str] | None = Non
 async def handle(request: web.Request) -> web.StreamResponse:
     cfg = request.app[CONFIG_KEY]
     body = await read_body(request, cfg.server.max_body_bytes)
-    if is_search_path(request.method, request.path):
-        return await request.app[SEARCH_KEY].search(request, body)
+    endpoint = search_endpoint(request.method, request.path)
+    if endpoint is not None:
+        return await request.app[SEARCH_KEY].handle(request, body, endpoint)
     return await relay(request.app[UPSTREAM_KEY], request, body or None, request_headers(request))
 
 

@@ -1,24 +1,30 @@
-"""The one search pipeline: plan, widen, ask upstream, score, restore, cut.
+"""The one search pipeline: plan, widen, ask upstream, score, restore, cut, filter.
 
-A ``_search`` request goes through :meth:`SearchPipeline.search`; the reranking of one parsed answer
-(:meth:`SearchPipeline.rerank`) is the step every other kind of search reuses, the way
-Elasticsearch's multi-search hands each item to its search action.
+``_search``, a rendered ``_search/template``, and every sub-search of ``_msearch`` and
+``_msearch/template`` are the same search: :meth:`SearchPipeline.finish` is the step each one goes
+through once Elasticsearch has answered its widened request, the way Elasticsearch's multi-search
+hands each item to its search action. The endpoints differ only in how the request is read, how many
+searches go up in one call, and what is relayed when the rewrite is refused.
 
 Faithfulness rules, each one a promise of the README:
 
-- a body Elasticsearch would refuse (not JSON, a repeated key, a compatible-with mismatch) is never
-  rewritten: it goes up as the client sent it, so the client gets Elasticsearch's own error;
-- when Elasticsearch rejects the *widened* request (4xx other than 429) or answers it unreadably, the
-  client's original request is sent instead and that answer relayed, byte for byte
-  (``upstream_rejected_rewrite``, ``unreadable_response``);
-- a scorer failure, timeout, overload or non-finite score answers in Elasticsearch's order.
+- a request Elasticsearch would refuse (not JSON, a repeated key, a malformed multi-search, an invalid
+  option) is never rewritten: it goes up as the client sent it and the client gets Elasticsearch's
+  own error;
+- when Elasticsearch rejects a *widened* search (4xx other than 429) or answers it unreadably, the
+  client's own request is sent instead and that answer relayed (``upstream_rejected_rewrite``,
+  ``unreadable_response``); in a multi-search only the refused sub-searches go up again;
+- a scorer failure, timeout, overload or non-finite score answers in Elasticsearch's order;
+- a rewritten answer is gzip-compressed exactly when Elasticsearch compressed its own answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,19 +37,36 @@ from . import es_json
 from .batching import QueueFull
 from .config import Config
 from .errors import RerankFailed
-from .relay import buffered, relay, request_headers, upstream_target, without_params
+from .filter_path import apply_filter_path
+from .ndjson import parse_pairs, write_pairs
+from .relay import relay, request_headers, upstream_target, without_params
 from .scorer import Scorer
-from .search_plan import OVERRIDE_HEADERS, OVERRIDE_KEY, Passthrough, RerankPlan, parse_overrides, plan_search
+from .search_plan import (
+    MSEARCH,
+    MSEARCH_TEMPLATE,
+    OVERRIDE_HEADERS,
+    OVERRIDE_KEY,
+    SEARCH,
+    Passthrough,
+    RerankPlan,
+    parse_overrides,
+    plan_search,
+)
 from .search_response import apply_order, candidates, reranked_ids
 from .stats import ProxyStats
-from .upstream import Upstream, forwardable
+from .upstream import Upstream, UpstreamResponse, forwardable
 
 log = logging.getLogger("proxy")
 
-STATUS_HEADER = "X-Rerank-Status"  # "reranked" or "skipped"
+STATUS_HEADER = "X-Rerank-Status"  # "reranked" or "skipped"; for a multi-search, reranked if any was
 REASON_HEADER = "X-Rerank-Reason"  # why it was skipped
-TOOK_HEADER = "X-Rerank-Took-Ms"  # scoring time of a reranked search
+TOOK_HEADER = "X-Rerank-Took-Ms"  # scoring time
+ITEMS_HEADER = "X-Rerank-Items"  # multi-search: one outcome per sub-search, in order
 _JSON_TYPES = ("application/json", "application/vnd.elasticsearch+json", "application/x-ndjson")
+_NDJSON_TYPES = ("application/x-ndjson", "application/vnd.elasticsearch+x-ndjson", "application/json")
+_COMPAT = re.compile(r"compatible-with=(\d+)")
+_TEMPLATE_KEYS = frozenset({"id", "source", "params", "explain", "profile"})
+GZIP_LEVEL = 3  # Elasticsearch's http.compression_level default
 
 
 @dataclass(frozen=True)
@@ -62,9 +85,25 @@ class Outcome:
             out[TOOK_HEADER] = f"{self.took_ms:.1f}"
         return out
 
+    def item(self) -> str:
+        """This outcome as one entry of :data:`ITEMS_HEADER`: ``reranked`` or ``skipped:<reason>``."""
+        return self.status if self.reason is None else f"{self.status}:{self.reason}"
+
 
 def skipped(reason: str) -> Outcome:
     return Outcome("skipped", reason)
+
+
+def multi_headers(outcomes: list[Outcome], took_ms: float | None = None) -> dict[str, str]:
+    """A multi-search's outcome headers: headers cannot be per item, so one list says each."""
+    reranked = any(o.status == "reranked" for o in outcomes)
+    out = {
+        STATUS_HEADER: "reranked" if reranked else "skipped",
+        ITEMS_HEADER: ",".join(o.item() for o in outcomes),
+    }
+    if took_ms is not None:
+        out[TOOK_HEADER] = f"{took_ms:.1f}"
+    return out
 
 
 def wants_pretty(params: Any) -> bool:
@@ -72,24 +111,74 @@ def wants_pretty(params: Any) -> bool:
     return "pretty" in params and params.get("pretty") in ("", "true")
 
 
-def _wants_json(request: web.Request) -> bool:
-    fmt = request.query.get("format")
-    if fmt is not None and fmt.lower() != "json":
-        return False
-    accept = request.headers.get("Accept", "")
-    return not accept or "*/*" in accept or any(t in accept for t in _JSON_TYPES)
+def refused(status: int) -> bool:
+    """Elasticsearch refused the request itself; 429 is load, and asking again would add to it."""
+    return 400 <= status < 500 and status != 429
 
 
-def _upstream_search_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
-    """Headers for the widened search: the client's own, less ``Accept-Encoding`` (the proxy must read
-    the answer). ``Content-Type`` is the client's, never repaired: a pair Elasticsearch refuses is
-    refused for the rewrite too, and then the original goes up. A search sent without a body (``q=``)
-    gets the media type its ``Accept`` names."""
-    out = forwardable(headers, drop=("Accept-Encoding",))
-    if "Content-Type" not in out:
-        accept = headers.get("Accept", "")
-        out["Content-Type"] = accept if "compatible-with" in accept else "application/json"
+@dataclass
+class Answer:
+    """Elasticsearch's answer to a rewritten request, decompressed when it came gzip-compressed."""
+
+    response: UpstreamResponse
+    body: bytes | None  # None when it cannot be decoded
+    compressed: bool
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    def json(self) -> Any:
+        if self.body is None:
+            return None
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One search of a request: its plan, and the client's body (less ``_rerank``) for relaying."""
+
+    plan: RerankPlan | Passthrough
+    body: dict[str, Any]
+
+    @property
+    def upstream_body(self) -> dict[str, Any]:
+        return self.plan.body if isinstance(self.plan, RerankPlan) else self.body
+
+
+def _client_body(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The body without the reserved key, which never reaches Elasticsearch whatever its value."""
+    if OVERRIDE_KEY not in body:
+        return body, False
+    return {k: v for k, v in body.items() if k != OVERRIDE_KEY}, True
+
+
+def _json_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """Headers for a JSON request the proxy makes itself (template rendering) on the client's behalf."""
+    out = forwardable(headers, drop=("Accept-Encoding", "Content-Type"))
+    version = _COMPAT.search(headers.get("Accept", ""))
+    out["Content-Type"] = (
+        f"application/vnd.elasticsearch+json; compatible-with={version[1]}" if version else "application/json"
+    )
     return out
+
+
+def _search_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """Headers for a widened search: the client's own. ``Content-Type`` is never repaired (a pair
+    Elasticsearch refuses is refused for the rewrite too, and then the original goes up); a search
+    sent without a body (``q=``) gets the media type its ``Accept`` names."""
+    out = forwardable(headers)
+    if "Content-Type" not in out:
+        out["Content-Type"] = _json_headers(headers)["Content-Type"]
+    return out
+
+
+def _without_template(target: str) -> str:
+    path, sep, query = target.partition("?")
+    return path.rstrip("/").removesuffix("/template") + sep + query
 
 
 class SearchPipeline:
@@ -101,62 +190,161 @@ class SearchPipeline:
         self.scorer = scorer
         self.stats = stats
 
-    async def search(self, request: web.Request, raw: bytes) -> web.StreamResponse:
-        """A ``_search`` request, answered reranked or exactly as Elasticsearch answers it."""
+    async def handle(self, request: web.Request, raw: bytes, endpoint: str) -> web.StreamResponse:
+        """A request to one of the search APIs, answered reranked or exactly as Elasticsearch answers."""
         headers = request_headers(request, drop=OVERRIDE_HEADERS)
+        multi = endpoint in (MSEARCH, MSEARCH_TEMPLATE)
+        if not self._readable(request, raw, _NDJSON_TYPES if multi else _JSON_TYPES):
+            return await self._relay(request, raw, headers, [skipped("unsupported_format")])
+        if multi:
+            return await self._multi(request, raw, headers, template=endpoint == MSEARCH_TEMPLATE)
+        return await self._single(request, raw, headers, template=endpoint != SEARCH)
+
+    @staticmethod
+    def _readable(request: web.Request, raw: bytes, types: tuple[str, ...]) -> bool:
+        fmt = request.query.get("format")
+        if fmt is not None and fmt.lower() != "json":
+            return False
+        accept = request.headers.get("Accept", "")
+        if accept and "*/*" not in accept and not any(t in accept for t in _JSON_TYPES):
+            return False
         ctype = request.headers.get("Content-Type", "")
-        if not _wants_json(request) or (raw and ctype and not any(t in ctype for t in _JSON_TYPES)):
-            return await self._relay(request, raw or None, headers, skipped("unsupported_format"))
+        return not (raw and ctype and not any(t in ctype for t in types))
+
+    # -- one search: _search and _search/template ----------------------------------------------------
+
+    async def _single(
+        self, request: web.Request, raw: bytes, headers: CIMultiDict[str], template: bool
+    ) -> web.StreamResponse:
         try:
             parsed = es_json.parse_body(raw) if raw.strip() else {}
         except (orjson.JSONDecodeError, es_json.DuplicateKey):
             parsed = None
         if not isinstance(parsed, dict):  # let Elasticsearch answer with its own parse error
-            return await self._relay(request, raw or None, headers, skipped("invalid_body"))
-
+            return await self._relay(request, raw, headers, [skipped("invalid_body")])
         overrides = parse_overrides(request.headers, parsed)
-        if OVERRIDE_KEY in parsed:  # the reserved key never reaches Elasticsearch, whatever its value
-            del parsed[OVERRIDE_KEY]
-            raw = orjson.dumps(parsed)
-        plan = plan_search(list(request.query.items()), parsed, self.cfg.rerank, overrides)
+        body, changed = _client_body(parsed)
+        original = orjson.dumps(body) if changed else raw
+        target = upstream_target(request)
+        if template:
+            rendered = await self._render(headers, body)
+            if rendered is None:  # no template engine, a missing template...: Elasticsearch's answer
+                return await self._relay(request, original, headers, [skipped("template_not_rendered")])
+            body, target = rendered, _without_template(target)
+
+        plan = plan_search(list(request.query.items()), body, self.cfg.rerank, overrides)
         if isinstance(plan, Passthrough):
-            return await self._relay(request, raw or None, headers, skipped(plan.reason))
-
-        resp = await self.upstream.request(
-            request.method,
-            without_params(upstream_target(request), plan.dropped_params),
-            _upstream_search_headers(headers),
-            orjson.dumps(plan.body),
+            return await self._relay(request, original, headers, [skipped(plan.reason)])
+        answer = await self._ask(
+            request.method, without_params(target, plan.dropped_params), headers, orjson.dumps(plan.body)
         )
-        if 400 <= resp.status < 500 and resp.status != 429:
-            # Elasticsearch refused the widened request (a result window limit, a bad option): the
-            # client's own request gets Elasticsearch's own answer, error positions included.
-            return await self._relay(request, raw or None, headers, skipped("upstream_rejected_rewrite"))
-        if resp.status != 200:
-            outcome = skipped("upstream_status")
-            self.stats.outcome(outcome.status, outcome.reason)
-            return buffered(resp, outcome.headers())
-        try:
-            data = orjson.loads(resp.body)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):  # e.g. an intermediary compressed it: ask again, relay that
-            return await self._relay(request, raw or None, headers, skipped("unreadable_response"))
+        if refused(answer.status):
+            # Elasticsearch refused the widened request (a result window limit, say): the client's own
+            # request gets Elasticsearch's own answer, error positions included.
+            return await self._relay(request, original, headers, [skipped("upstream_rejected_rewrite")])
+        if answer.status != 200:
+            return self._error(request, answer, plan.filter_path)
+        data = answer.json()
+        if not isinstance(data, dict):  # an intermediary's encoding, a truncated body...: ask again
+            return await self._relay(request, original, headers, [skipped("unreadable_response")])
+        outcome = await self.finish(plan, data)
+        if plan.filter_path is not None:
+            data = apply_filter_path(data, plan.filter_path)
+        return self._respond(request, answer, data, outcome.headers())
 
-        outcome = await self.rerank(plan, data)
-        out = forwardable(resp.headers, drop=("Content-Encoding",))
-        out.update(outcome.headers())
-        body = es_json.dumps(data, pretty=wants_pretty(request.query))
-        return web.Response(status=200, body=body, headers=out)
+    # -- many searches: _msearch and _msearch/template ----------------------------------------------
 
-    async def _relay(
-        self, request: web.Request, body: bytes | None, headers: CIMultiDict[str], outcome: Outcome
+    async def _multi(
+        self, request: web.Request, raw: bytes, headers: CIMultiDict[str], template: bool
     ) -> web.StreamResponse:
-        self.stats.outcome(outcome.status, outcome.reason)
-        return await relay(self.upstream, request, body, headers, outcome.headers())
+        pairs = parse_pairs(raw)
+        if pairs is None:
+            return await self._relay(request, raw, headers, [skipped("invalid_body")])
+        overrides = [parse_overrides(request.headers, pair.body) for pair in pairs]
+        stripped = [_client_body(pair.body) for pair in pairs]
+        bodies = [body for body, _ in stripped]
+        original = write_pairs((p.header_line, b) for p, b in zip(pairs, bodies, strict=True))
+        original = original if any(changed for _, changed in stripped) else raw
+        target = upstream_target(request)
+        if template:
+            rendered = await asyncio.gather(*(self._render(headers, body) for body in bodies))
+            if any(r is None for r in rendered):
+                return await self._relay(
+                    request, original, headers, [skipped("template_not_rendered")] * len(pairs)
+                )
+            bodies, target = [r for r in rendered if r is not None], _without_template(target)
 
-    async def rerank(self, plan: RerankPlan, data: dict[str, Any]) -> Outcome:
-        """Score Elasticsearch's widened answer ``data`` and cut it to the client's window, in place.
+        items = [
+            Item(plan_search([], body, self.cfg.rerank, over), body)
+            for body, over in zip(bodies, overrides, strict=True)
+        ]
+        if not any(isinstance(item.plan, RerankPlan) for item in items):
+            reasons = [skipped(item.plan.reason) for item in items if isinstance(item.plan, Passthrough)]
+            return await self._relay(request, original, headers, reasons)
+        target = without_params(target, frozenset({"filter_path"}))
+        widened = write_pairs(
+            (p.header_line, item.upstream_body) for p, item in zip(pairs, items, strict=True)
+        )
+        answer = await self._ask(request.method, target, headers, widened)
+        if refused(answer.status):
+            return await self._relay(
+                request, original, headers, [skipped("upstream_rejected_rewrite")] * len(items)
+            )
+        filter_path = request.query.get("filter_path")
+        if answer.status != 200:
+            return self._error(request, answer, filter_path, len(items))
+        data = answer.json()
+        responses = data.get("responses") if isinstance(data, dict) else None
+        if not isinstance(responses, list) or len(responses) != len(items):
+            return await self._relay(
+                request, original, headers, [skipped("unreadable_response")] * len(items)
+            )
+
+        # Sub-searches whose widened form Elasticsearch refused go up again as the client sent them.
+        again = [
+            i
+            for i, item in enumerate(items)
+            if isinstance(item.plan, RerankPlan) and _item_refused(responses[i])
+        ]
+        if again:
+            retry = await self._ask(
+                request.method,
+                target,
+                headers,
+                write_pairs((pairs[i].header_line, items[i].body) for i in again),
+            )
+            redone = retry.json() if retry.status == 200 else None
+            redone_items = redone.get("responses") if isinstance(redone, dict) else None
+            if not isinstance(redone_items, list) or len(redone_items) != len(again):
+                return await self._relay(
+                    request, original, headers, [skipped("upstream_rejected_rewrite")] * len(items)
+                )
+            for i, item_answer in zip(again, redone_items, strict=True):
+                responses[i] = item_answer
+
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(
+            *(self._finish_item(item, responses[i], i in again) for i, item in enumerate(items))
+        )
+        took = (time.perf_counter() - started) * 1000
+        if filter_path is not None:
+            data = apply_filter_path(data, filter_path)
+        return self._respond(request, answer, data, multi_headers(list(outcomes), took))
+
+    async def _finish_item(self, item: Item, response: Any, asked_again: bool) -> Outcome:
+        if isinstance(item.plan, Passthrough):
+            return self._count(skipped(item.plan.reason))
+        if asked_again:
+            return self._count(skipped("upstream_rejected_rewrite"))
+        if not isinstance(response, dict) or response.get("status", 200) != 200 or "hits" not in response:
+            return self._count(skipped("upstream_status"))
+        return await self.finish(item.plan, response)
+
+    # -- the shared steps ------------------------------------------------------------------------------
+
+    async def finish(self, plan: RerankPlan, data: dict[str, Any]) -> Outcome:
+        """Score Elasticsearch's widened answer ``data``, restore ``_source`` and cut it to the client's
+        window, in place.
 
         Hits without passage text are not scored (an empty passage would get a meaningless score):
         when no candidate has text the search is ``no_passage_text``, in Elasticsearch's order.
@@ -182,8 +370,79 @@ class SearchPipeline:
         if scores is not None and plan.relevant is not None:
             self._track_relevance(plan.relevant, data, plan, scores)
         apply_order(data, plan, scores)
+        return self._count(outcome)
+
+    def _count(self, outcome: Outcome) -> Outcome:
         self.stats.outcome(outcome.status, outcome.reason)
         return outcome
+
+    async def _ask(self, method: str, target: str, headers: CIMultiDict[str], body: bytes) -> Answer:
+        """Send a rewritten request with the client's own headers, ``Accept-Encoding`` included, so
+        Elasticsearch compresses exactly when it would have for this client; decode what it sends."""
+        resp = await self.upstream.request(method, target, _search_headers(headers), body)
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding == "identity":
+            return Answer(resp, resp.body, compressed=False)
+        if encoding == "gzip":
+            try:
+                return Answer(resp, gzip.decompress(resp.body), compressed=True)
+            except (OSError, EOFError):
+                pass
+        return Answer(resp, None, compressed=False)
+
+    async def _render(self, headers: CIMultiDict[str], template: dict[str, Any]) -> dict[str, Any] | None:
+        """The search body a template renders to, rendered by Elasticsearch (``_render/template``), or
+        None when it cannot be (no template engine, a missing template, an option ``_search/template``
+        would refuse): the client's request then goes up unchanged."""
+        if not set(template) <= _TEMPLATE_KEYS or not {"id", "source"} & set(template):
+            return None
+        spec = {k: template[k] for k in ("id", "source", "params") if k in template}
+        resp = await self.upstream.request(
+            "POST", "/_render/template", _json_headers(headers), orjson.dumps(spec)
+        )
+        try:
+            rendered = orjson.loads(resp.body).get("template_output") if resp.status == 200 else None
+        except (orjson.JSONDecodeError, AttributeError):
+            rendered = None
+        if not isinstance(rendered, dict):
+            return None
+        for key in ("explain", "profile"):
+            if key in template:
+                rendered[key] = template[key]
+        return rendered
+
+    def _respond(
+        self, request: web.Request, answer: Answer, data: Any, extra: dict[str, str], status: int = 200
+    ) -> web.Response:
+        out = forwardable(answer.response.headers, drop=("Content-Encoding",))
+        out.update(extra)
+        body = es_json.dumps(data, pretty=wants_pretty(request.query))
+        if answer.compressed:
+            body = gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
+            out["Content-Encoding"] = "gzip"
+        return web.Response(status=status, body=body, headers=out)
+
+    def _error(
+        self, request: web.Request, answer: Answer, filter_path: str | None, n: int = 1
+    ) -> web.Response:
+        """Elasticsearch's error (5xx, 429) to the widened request, as it came, filtered if asked."""
+        outcomes = [self._count(skipped("upstream_status")) for _ in range(n)]
+        extra = outcomes[0].headers() if n == 1 else multi_headers(outcomes)
+        data = answer.json() if filter_path is not None else None
+        if isinstance(data, dict) and filter_path is not None:
+            return self._respond(request, answer, apply_filter_path(data, filter_path), extra, answer.status)
+        out = forwardable(answer.response.headers)
+        out.update(extra)
+        return web.Response(status=answer.status, body=answer.response.body, headers=out)
+
+    async def _relay(
+        self, request: web.Request, body: bytes, headers: CIMultiDict[str], outcomes: list[Outcome]
+    ) -> web.StreamResponse:
+        """The client's request as it is (``_rerank`` aside), Elasticsearch's answer streamed back."""
+        for outcome in outcomes:
+            self._count(outcome)
+        extra = outcomes[0].headers() if len(outcomes) == 1 else multi_headers(outcomes)
+        return await relay(self.upstream, request, body or None, headers, extra)
 
     async def _score(self, query: str, texts: list[str]) -> list[float]:
         """Scores for the passages; any failure becomes :class:`RerankFailed` so the search survives."""
@@ -218,3 +477,8 @@ class SearchPipeline:
             log.info("relevance not tracked for this search: %s", exc)
             return
         log.debug("judged search: %s", figures)
+
+
+def _item_refused(response: Any) -> bool:
+    status = response.get("status") if isinstance(response, dict) else None
+    return isinstance(status, int) and refused(status)

@@ -38,7 +38,10 @@ HEADER_TOP_K = "X-Rerank-Top-K"
 HEADER_ENABLED = "X-Rerank-Enabled"
 OVERRIDE_HEADERS = (HEADER_QUERY, HEADER_FIELD, HEADER_TOP_K, HEADER_ENABLED)
 
-_SEARCH_PATH = re.compile(r"^/(?:(?:_all|[^/_][^/]*)/)?_search/?$")
+# /_search, /_search/template, /_msearch, /_msearch/template, each also under /{index}/, where index
+# may be a comma list, wildcard, alias or _all.
+_ENDPOINT = re.compile(r"^/(?:(?:_all|[^/_][^/]*)/)?(?P<kind>_search|_msearch)(?P<template>/template)?/?$")
+SEARCH, TEMPLATE, MSEARCH, MSEARCH_TEMPLATE = "search", "template", "msearch", "msearch_template"
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 DEFAULT_SIZE = 10
@@ -73,11 +76,23 @@ class RerankPlan:
     body: dict[str, Any]
     source: SourcePatch | None
     relevant: dict[str, int] | None = None
+    filter_path: str | None = None  # the client's, applied by the proxy to the final answer
+
+
+def search_endpoint(method: str, path: str) -> str | None:
+    """Which search API a request calls (:data:`SEARCH`, :data:`TEMPLATE`, :data:`MSEARCH`,
+    :data:`MSEARCH_TEMPLATE`), or None for every other request."""
+    found = _ENDPOINT.match(path) if method in ("GET", "POST") else None
+    if found is None:
+        return None
+    if found["kind"] == "_search":
+        return TEMPLATE if found["template"] else SEARCH
+    return MSEARCH_TEMPLATE if found["template"] else MSEARCH
 
 
 def is_search_path(method: str, path: str) -> bool:
-    """``/_search`` and ``/{index}/_search``, where index may be a comma list, wildcard or alias."""
-    return method in ("GET", "POST") and _SEARCH_PATH.match(path) is not None
+    """A request the proxy must read whole: one of the search APIs."""
+    return search_endpoint(method, path) is not None
 
 
 def _bool(value: Any, name: str) -> bool:
@@ -185,8 +200,6 @@ def plan_search(
         return Passthrough("search_after")
     if src.get("pit") is not None:
         return Passthrough("pit")
-    if "filter_path" in q:
-        return Passthrough("filter_path")
     if q.get("stored_fields") == "_none_" or src.get("stored_fields") == "_none_":
         return Passthrough("no_source")
     try:
@@ -230,10 +243,21 @@ def plan_search(
         wanted = SourceFilter(fetch=False)
     patch = plan_source(wanted, fields)
 
-    dropped = frozenset({"from", "size"} | (set(SOURCE_PARAMS) if patch else set()))
+    dropped = frozenset({"from", "size", "filter_path"} | (set(SOURCE_PARAMS) if patch else set()))
     upstream_body = dict(src)  # only top-level keys change: a shallow copy leaves the caller's intact
     upstream_body["from"] = 0
     upstream_body["size"] = max(top_k, start + size)
     if patch is not None:
         upstream_body["_source"] = patch.upstream.to_body()
-    return RerankPlan(query, fields, top_k, start, size, dropped, upstream_body, patch, overrides.relevant)
+    return RerankPlan(
+        query,
+        fields,
+        top_k,
+        start,
+        size,
+        dropped,
+        upstream_body,
+        patch,
+        overrides.relevant,
+        q.get("filter_path"),
+    )

@@ -205,11 +205,12 @@ def test_duplicate_keys_are_refused_like_elasticsearch(
     assert p_headers["x-rerank-reason"] == "invalid_body"
 
 
-class GzippingIntermediary:
-    """An HTTP hop in front of Elasticsearch that compresses every answer, asked or not."""
+class EncodingIntermediary:
+    """An HTTP hop in front of Elasticsearch that labels every answer with a content encoding, asked or
+    not: ``gzip`` really compresses; any other name leaves the bytes as they are (undecodable)."""
 
-    def __init__(self, target: str) -> None:
-        self.target, self.port = target, free_port()
+    def __init__(self, target: str, encoding: str) -> None:
+        self.target, self.encoding, self.port = target, encoding, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -220,9 +221,9 @@ class GzippingIntermediary:
         status, _, answer = _raw(self.target + request.raw_path, request.method, body or None, headers)
         return web.Response(
             status=status,
-            body=gzip.compress(answer),
+            body=gzip.compress(answer) if self.encoding == "gzip" else answer,
             headers={
-                "Content-Encoding": "gzip",
+                "Content-Encoding": self.encoding,
                 "Content-Type": "application/json",
                 "X-Elastic-Product": "Elasticsearch",
             },
@@ -242,7 +243,7 @@ class GzippingIntermediary:
         self.loop.run_until_complete(runner.cleanup())
         self.loop.close()
 
-    def __enter__(self) -> GzippingIntermediary:
+    def __enter__(self) -> EncodingIntermediary:
         self._thread.start()
         self._ready.wait(10)
         return self
@@ -252,20 +253,27 @@ class GzippingIntermediary:
         self._thread.join(10)
 
 
-def test_unreadable_answer_falls_back_to_the_clients_own_request(
-    es_url: str, es: Elasticsearch, tiny_model: Path
+@pytest.mark.parametrize(("encoding", "reason"), [("gzip", None), ("x-unknown", "unreadable_response")])
+def test_encoded_answers_are_decoded_or_fall_back_to_the_clients_own_request(
+    es_url: str, es: Elasticsearch, tiny_model: Path, encoding: str, reason: str | None
 ) -> None:
+    """A compressed answer is read and reranked; one the proxy cannot decode makes it send the
+    client's own request and relay that answer, never the widened one (7 hits, the excluded field)."""
     body = {"query": MATCH, "size": 2, "_source": {"excludes": ["text"]}}
-    with GzippingIntermediary(es_url) as hop:
+    with EncodingIntermediary(es_url, encoding) as hop:
         server = ProxyThread(make_config(hop.url, tiny_model, top_k=TOP_K, field=("text",))).start()
         try:
             status, headers, raw = post(server.url, f"/{INDEX}/_search", body)
         finally:
             server.stop()
-    assert (status, headers["x-rerank-reason"]) == (200, "unreadable_response")
-    served = json.loads(gzip.decompress(raw))
-    direct = es.search(index=INDEX, body=body)
-    assert ids(served) == ids(direct) and len(ids(served)) == 2
+    assert (status, headers.get("x-rerank-reason")) == (200, reason)
+    served = json.loads(gzip.decompress(raw) if encoding == "gzip" else raw)
+    expected = (
+        expected_order(es, tiny_model, {"query": MATCH})[:2]
+        if reason is None
+        else ids(es.search(index=INDEX, body=body))
+    )
+    assert ids(served) == expected
     assert all("text" not in h["_source"] for h in served["hits"]["hits"])
 
 

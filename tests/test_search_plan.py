@@ -11,12 +11,17 @@ import pytest
 from proxy.config import RerankConfig
 from proxy.errors import BadRequest
 from proxy.search_plan import (
+    MSEARCH,
+    MSEARCH_TEMPLATE,
+    SEARCH,
+    TEMPLATE,
     Overrides,
     Passthrough,
     RerankPlan,
     is_search_path,
     parse_overrides,
     plan_search,
+    search_endpoint,
 )
 from proxy.source_filter import SourceFilter
 
@@ -42,25 +47,32 @@ def rerank(*args: Any, **kwargs: Any) -> RerankPlan:
 @pytest.mark.parametrize(
     ("method", "path", "expected"),
     [
-        ("GET", "/_search", True),
-        ("POST", "/_search", True),
-        ("GET", "/idx/_search", True),
-        ("GET", "/a,b/_search", True),
-        ("POST", "/logs-*/_search", True),
-        ("GET", "/idx/_search/", True),
-        ("GET", "/_msearch", False),
-        ("GET", "/idx/_msearch", False),
-        ("GET", "/idx/_search/template", False),
-        ("GET", "/_search/scroll", False),
-        ("GET", "/idx/_doc/1", False),
-        ("GET", "/idx/_count", False),
-        ("GET", "/a/b/_search", False),
-        ("PUT", "/idx/_search", False),
-        ("DELETE", "/_search", False),
+        ("GET", "/_search", SEARCH),
+        ("POST", "/_search", SEARCH),
+        ("GET", "/idx/_search", SEARCH),
+        ("GET", "/a,b/_search", SEARCH),
+        ("POST", "/logs-*/_search", SEARCH),
+        ("GET", "/idx/_search/", SEARCH),
+        ("GET", "/_all/_search", SEARCH),
+        ("GET", "/_msearch", MSEARCH),
+        ("POST", "/idx/_msearch", MSEARCH),
+        ("GET", "/idx/_search/template", TEMPLATE),
+        ("POST", "/_search/template", TEMPLATE),
+        ("POST", "/_msearch/template", MSEARCH_TEMPLATE),
+        ("GET", "/a,b/_msearch/template", MSEARCH_TEMPLATE),
+        ("GET", "/_search/scroll", None),
+        ("GET", "/_render/template", None),
+        ("GET", "/idx/_doc/1", None),
+        ("GET", "/idx/_count", None),
+        ("GET", "/a/b/_search", None),
+        ("PUT", "/idx/_search", None),
+        ("DELETE", "/_search", None),
+        ("PUT", "/_msearch", None),
     ],
 )
-def test_is_search_path(method: str, path: str, expected: bool) -> None:
-    assert is_search_path(method, path) is expected
+def test_search_endpoint(method: str, path: str, expected: str | None) -> None:
+    assert search_endpoint(method, path) == expected
+    assert is_search_path(method, path) is (expected is not None)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +84,6 @@ def test_is_search_path(method: str, path: str, expected: bool) -> None:
         (MATCH, {"scroll": "1m"}, CFG, Overrides(), "scroll"),
         ({**MATCH, "search_after": [1.0, "x"]}, {}, CFG, Overrides(), "search_after"),
         ({**MATCH, "pit": {"id": "abc"}}, {}, CFG, Overrides(), "pit"),
-        (MATCH, {"filter_path": "hits.hits._id"}, CFG, Overrides(), "filter_path"),
         (MATCH, {"size": "0"}, CFG, Overrides(), "size_zero"),
         ({**MATCH, "size": 0}, {}, CFG, Overrides(), "size_zero"),
         (MATCH, {"sort": "date:desc"}, CFG, Overrides(), "sort"),
@@ -160,7 +171,7 @@ def test_upstream_body_window_and_dropped_params() -> None:
     assert body == before  # the caller's body is not mutated
     assert (p.top_k, p.start, p.size, p.fields, p.source) == (20, 5, 10, ("text",), None)
     assert p.body == {**before, "from": 0, "size": 20}
-    assert p.dropped_params == frozenset({"from", "size"})
+    assert p.dropped_params == frozenset({"from", "size", "filter_path"})
 
 
 def test_upstream_size_covers_window_past_top_k() -> None:
@@ -201,7 +212,9 @@ def test_source_patch_and_dropped_source_params() -> None:
     assert p.source is not None
     assert p.source.original == SourceFilter(includes=(), excludes=("text",))
     assert p.body["_source"] == {"includes": [], "excludes": []}
-    assert p.dropped_params == frozenset({"from", "size", "_source", "_source_includes", "_source_excludes"})
+    assert p.dropped_params == frozenset(
+        {"from", "size", "filter_path", "_source", "_source_includes", "_source_excludes"}
+    )
     q = rerank({**MATCH, "_source": False})
     assert q.body["_source"] == {"includes": ["text"], "excludes": []}
     assert "_source" in q.dropped_params
@@ -292,3 +305,10 @@ def test_bad_overrides(headers: dict[str, str], body: dict[str, Any] | None, nam
         parse_overrides(headers, body)
     assert name in info.value.reason
     assert info.value.status == 400
+
+
+def test_filter_path_is_applied_by_the_proxy() -> None:
+    """The proxy needs the hits a filter would remove: it drops filter_path upstream and keeps it."""
+    p = rerank(MATCH, {"filter_path": "hits.hits._id,-took"})
+    assert p.filter_path == "hits.hits._id,-took"
+    assert "filter_path" in p.dropped_params
