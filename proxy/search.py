@@ -66,6 +66,18 @@ _JSON_TYPES = ("application/json", "application/vnd.elasticsearch+json", "applic
 _NDJSON_TYPES = ("application/x-ndjson", "application/vnd.elasticsearch+x-ndjson", "application/json")
 _COMPAT = re.compile(r"compatible-with=(\d+)")
 _TEMPLATE_KEYS = frozenset({"id", "source", "params", "explain", "profile"})
+# URL parameters of _search/template that act on the search request itself and mean the same on the
+# rewritten _search. Others (size, sort, _source...) are parsed by the template API and then replaced
+# by the rendered body, whereas _search would apply them: such a request goes up as sent.
+_TEMPLATE_PARAMS = frozenset(
+    {
+        "allow_no_indices", "allow_partial_search_results", "batched_reduce_size", "ccs_minimize_roundtrips",
+        "expand_wildcards", "ignore_throttled", "ignore_unavailable", "max_concurrent_shard_requests",
+        "pre_filter_shard_size", "preference", "request_cache", "rest_total_hits_as_int", "routing",
+        "search_type", "typed_keys", "pretty", "human", "error_trace", "filter_path",
+    }
+)  # fmt: skip
+_TEMPLATE_FLAGS = ("explain", "profile")  # URL flags of the template API that belong in the body
 GZIP_LEVEL = 3  # Elasticsearch's http.compression_level default
 
 
@@ -227,10 +239,14 @@ class SearchPipeline:
         original = orjson.dumps(body) if changed else raw
         target = upstream_target(request)
         if template:
+            flags = _template_flags(request.query)
+            if flags is None:
+                return await self._relay(request, original, headers, [skipped("template_parameters")])
             rendered = await self._render(headers, body)
             if rendered is None:  # no template engine, a missing template...: Elasticsearch's answer
                 return await self._relay(request, original, headers, [skipped("template_not_rendered")])
-            body, target = rendered, _without_template(target)
+            body = {**rendered, **flags}
+            target = without_params(_without_template(target), frozenset(_TEMPLATE_FLAGS))
 
         plan = plan_search(list(request.query.items()), body, self.cfg.rerank, overrides)
         if isinstance(plan, Passthrough):
@@ -477,6 +493,20 @@ class SearchPipeline:
             log.info("relevance not tracked for this search: %s", exc)
             return
         log.debug("judged search: %s", figures)
+
+
+def _template_flags(params: Any) -> dict[str, bool] | None:
+    """``explain``/``profile`` from a template request's URL, for the rendered body; None when the URL
+    has a parameter the rewritten ``_search`` would read differently, or a flag that is not a boolean."""
+    if not set(params) <= _TEMPLATE_PARAMS | set(_TEMPLATE_FLAGS):
+        return None
+    flags: dict[str, bool] = {}
+    for name in _TEMPLATE_FLAGS:
+        if name in params:
+            if params[name] not in ("", "true", "false"):
+                return None
+            flags[name] = params[name] != "false"
+    return flags
 
 
 def _item_refused(response: Any) -> bool:
