@@ -286,7 +286,7 @@ class SearchPipeline:
             rendered = await asyncio.gather(*(self._render(headers, body) for body in bodies))
             if any(r is None for r in rendered):
                 return await self._relay(
-                    request, original, headers, [skipped("template_not_rendered")] * len(pairs)
+                    request, original, headers, [skipped("template_not_rendered")] * len(pairs, multi=True)
                 )
             bodies, target = [r for r in rendered if r is not None], _without_template(target)
 
@@ -296,7 +296,7 @@ class SearchPipeline:
         ]
         if not any(isinstance(item.plan, RerankPlan) for item in items):
             reasons = [skipped(item.plan.reason) for item in items if isinstance(item.plan, Passthrough)]
-            return await self._relay(request, original, headers, reasons)
+            return await self._relay(request, original, headers, reasons, multi=True)
         target = without_params(target, frozenset({"filter_path"}))
         widened = write_pairs(
             (p.header_line, item.upstream_body) for p, item in zip(pairs, items, strict=True)
@@ -304,16 +304,16 @@ class SearchPipeline:
         answer = await self._ask(request.method, target, headers, widened)
         if refused(answer.status):
             return await self._relay(
-                request, original, headers, [skipped("upstream_rejected_rewrite")] * len(items)
+                request, original, headers, [skipped("upstream_rejected_rewrite")] * len(items, multi=True)
             )
         filter_path = request.query.get("filter_path")
         if answer.status != 200:
-            return self._error(request, answer, filter_path, len(items))
+            return self._error(request, answer, filter_path, items=len(items))
         data = answer.json()
         responses = data.get("responses") if isinstance(data, dict) else None
         if not isinstance(responses, list) or len(responses) != len(items):
             return await self._relay(
-                request, original, headers, [skipped("unreadable_response")] * len(items)
+                request, original, headers, [skipped("unreadable_response")] * len(items, multi=True)
             )
 
         # Sub-searches whose widened form Elasticsearch refused go up again as the client sent them.
@@ -333,7 +333,10 @@ class SearchPipeline:
             redone_items = redone.get("responses") if isinstance(redone, dict) else None
             if not isinstance(redone_items, list) or len(redone_items) != len(again):
                 return await self._relay(
-                    request, original, headers, [skipped("upstream_rejected_rewrite")] * len(items)
+                    request,
+                    original,
+                    headers,
+                    [skipped("upstream_rejected_rewrite")] * len(items, multi=True),
                 )
             for i, item_answer in zip(again, redone_items, strict=True):
                 responses[i] = item_answer
@@ -439,11 +442,12 @@ class SearchPipeline:
         return web.Response(status=status, body=body, headers=out)
 
     def _error(
-        self, request: web.Request, answer: Answer, filter_path: str | None, n: int = 1
+        self, request: web.Request, answer: Answer, filter_path: str | None, items: int | None = None
     ) -> web.Response:
-        """Elasticsearch's error (5xx, 429) to the widened request, as it came, filtered if asked."""
-        outcomes = [self._count(skipped("upstream_status")) for _ in range(n)]
-        extra = outcomes[0].headers() if n == 1 else multi_headers(outcomes)
+        """Elasticsearch's error (5xx, 429) to the widened request, as it came, filtered if asked.
+        ``items``: the sub-searches of a multi-search it answers."""
+        outcomes = [self._count(skipped("upstream_status")) for _ in range(items or 1)]
+        extra = outcomes[0].headers() if items is None else multi_headers(outcomes)
         data = answer.json() if filter_path is not None else None
         if isinstance(data, dict) and filter_path is not None:
             return self._respond(request, answer, apply_filter_path(data, filter_path), extra, answer.status)
@@ -452,12 +456,17 @@ class SearchPipeline:
         return web.Response(status=answer.status, body=answer.response.body, headers=out)
 
     async def _relay(
-        self, request: web.Request, body: bytes, headers: CIMultiDict[str], outcomes: list[Outcome]
+        self,
+        request: web.Request,
+        body: bytes,
+        headers: CIMultiDict[str],
+        outcomes: list[Outcome],
+        multi: bool = False,
     ) -> web.StreamResponse:
         """The client's request as it is (``_rerank`` aside), Elasticsearch's answer streamed back."""
         for outcome in outcomes:
             self._count(outcome)
-        extra = outcomes[0].headers() if len(outcomes) == 1 else multi_headers(outcomes)
+        extra = multi_headers(outcomes) if multi else outcomes[0].headers()
         return await relay(self.upstream, request, body or None, headers, extra)
 
     async def _score(self, query: str, texts: list[str]) -> list[float]:
