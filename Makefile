@@ -7,7 +7,7 @@ install:            ## create .venv and install the proxy with its test tools
 run:                ## install, start a local Elasticsearch if none is configured, run the proxy
 	bash scripts/run.sh $(ARGS)
 
-test: install       ## the whole test suite (starts a real Elasticsearch for the integration tests)
+test: install       ## the whole test suite (starts real Elasticsearch 8/9 and OpenSearch 2/3; one alone: PYTEST_ARGS="-m os3")
 	.venv/bin/python -m pytest -rs $(PYTEST_ARGS)
 
 lint: install       ## ruff + strict mypy

@@ -1,7 +1,8 @@
 """Shared fixtures: a real Elasticsearch, a tiny local model, and the proxy running on a real port.
 
 Elasticsearch comes from ``scripts/elasticsearch.sh`` (the official integ-test zip from Maven
-Central) unless ``ELASTICSEARCH_URL`` names one already running. The proxy runs on its own thread
+Central) unless ``ELASTICSEARCH_URL`` names one already running; so do the other servers of the test
+matrix (Elasticsearch 9, OpenSearch 3 and 2: ``tests/servers.py``). The proxy runs on its own thread
 and event loop, exactly as in production, so the official *sync* client can talk to it too. That loop
 runs in asyncio debug mode and a test fails if anything blocks it for longer than
 ``BLOCKED_LOOP_S`` (a model call on the loop thread would).
@@ -13,27 +14,37 @@ import asyncio
 import logging
 import os
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from aiohttp import web
+from hypothesis import settings
 
 from proxy.app import create_app
 from proxy.config import Config, RerankConfig, UpstreamConfig
 from proxy.scorer import Scorer
+from proxy.server import start as serve
 
+from . import servers
 from .corpus import DOCS
+from .servers import ServerPool
 from .tiny_model import build_tiny_cross_encoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Property tests: the same 150 examples per test on every run (derandomize), so CI is reproducible and
+# fast; HYPOTHESIS_PROFILE=explore draws 2000 fresh random ones. A failure prints the blob that
+# replays it (@reproduce_failure); no example database is written into the checkout.
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, print_blob=True, max_examples=150
+)
+settings.register_profile("explore", database=None, deadline=None, print_blob=True, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 ROOT = Path(__file__).resolve().parent.parent
-ES_SCRIPT = ROOT / "scripts" / "elasticsearch.sh"
 BLOCKED_LOOP_S = 0.5
 
 
@@ -43,23 +54,53 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+NEEDED_SERVERS = pytest.StashKey[set[str]]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers it adds
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    servers.mark_items(items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    session.config.stash[NEEDED_SERVERS] = servers.needed_by(session.items)
+
+
 @pytest.fixture(scope="session")
-def es_url() -> Iterator[str]:
-    """A real Elasticsearch: ELASTICSEARCH_URL, or one started by the project's script."""
-    if os.environ.get("ELASTICSEARCH_URL"):
-        yield os.environ["ELASTICSEARCH_URL"].rstrip("/")
-        return
-    env = {**os.environ, "ES_PORT": os.environ.get("ES_TEST_PORT", "9250")}
-    status = subprocess.run(["bash", str(ES_SCRIPT), "status"], env=env, capture_output=True)
-    started = status.returncode != 0
-    if started:
-        subprocess.run(["bash", str(ES_SCRIPT), "start"], env=env, check=True, timeout=600)
-    url = subprocess.run(
-        ["bash", str(ES_SCRIPT), "url"], env=env, check=True, capture_output=True, text=True
-    ).stdout.strip()
-    yield url
-    if started:
-        subprocess.run(["bash", str(ES_SCRIPT), "stop"], env=env, timeout=120)
+def server_pool(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerPool]:
+    """The real servers the selected tests need, started together on first use (tests/servers.py)."""
+    needed: set[str] = request.config.stash.get(NEEDED_SERVERS, set())
+    pool = ServerPool(needed, tmp_path_factory.mktemp("servers"))
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture(scope="session")
+def es_url(server_pool: ServerPool) -> str:
+    """A real Elasticsearch 8: ELASTICSEARCH_URL, or one started by the project's script on port 9250
+    (ES_TEST_PORT)."""
+    return server_pool.url("es8")
+
+
+@pytest.fixture(scope="session")
+def es9_url(server_pool: ServerPool) -> str:
+    """A real Elasticsearch 9: ES9_URL, or one started by the project's script on port 9251."""
+    return server_pool.url("es9")
+
+
+@pytest.fixture(scope="session")
+def opensearch3_url(server_pool: ServerPool) -> str:
+    """A real OpenSearch 3: OPENSEARCH3_URL, or one started by the project's script on port 9252. Its zip
+    has lang-mustache, so search templates really render there."""
+    return server_pool.url("os3")
+
+
+@pytest.fixture(scope="session")
+def opensearch2_url(server_pool: ServerPool) -> str:
+    """A real OpenSearch 2: OPENSEARCH2_URL, or one started by the project's script on port 9253."""
+    return server_pool.url("os2")
 
 
 @pytest.fixture(scope="session")
@@ -97,12 +138,9 @@ class ProxyThread:
         self.loop.set_debug(True)
         self.loop.slow_callback_duration = BLOCKED_LOOP_S
         try:
-            self.runner = web.AppRunner(
-                create_app(self.cfg, scorer=self.scorer), access_log=None, handler_cancellation=True
-            )
-            self.loop.run_until_complete(self.runner.setup())
-            site = web.TCPSite(self.runner, "127.0.0.1", self.port)
-            self.loop.run_until_complete(site.start())
+            # Served exactly as the command serves it (proxy/server.py).
+            app = create_app(self.cfg, scorer=self.scorer)
+            self.runner = self.loop.run_until_complete(serve(app, "127.0.0.1", self.port))
         except BaseException as exc:  # surfaced by start()
             self._error = exc
             self._ready.set()

@@ -44,3 +44,13 @@ def _docs() -> list[dict[str, Any]]:
 
 
 DOCS = _docs()
+# The index mapping the integration tests give the corpus.
+MAPPINGS: dict[str, Any] = {
+    "properties": {
+        "title": {"type": "text"},
+        "text": {"type": "text"},
+        "tag": {"type": "keyword"},
+        "year": {"type": "integer"},
+        "meta": {"properties": {"lang": {"type": "keyword"}, "summary": {"type": "text"}}},
+    }
+}

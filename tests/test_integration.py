@@ -7,8 +7,6 @@ itself returns, so these tests check the proxy against the model and the cluster
 from __future__ import annotations
 
 import gzip
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,8 @@ import pytest
 from elasticsearch import AsyncElasticsearch, Elasticsearch, helpers
 
 from .conftest import ProxyThread
-from .corpus import DOCS
+from .corpus import DOCS, MAPPINGS
+from .servers import http as _raw
 from .tiny_model import reference_scores
 
 pytestmark = pytest.mark.integration
@@ -33,15 +32,7 @@ def es(es_url: str) -> Iterator[Elasticsearch]:
     client.options(ignore_status=404).indices.delete(index=INDEX)
     client.indices.create(
         index=INDEX,
-        mappings={
-            "properties": {
-                "title": {"type": "text"},
-                "text": {"type": "text"},
-                "tag": {"type": "keyword"},
-                "year": {"type": "integer"},
-                "meta": {"properties": {"lang": {"type": "keyword"}, "summary": {"type": "text"}}},
-            }
-        },
+        mappings=MAPPINGS,
         settings={"number_of_shards": 1, "number_of_replicas": 0},
     )
     helpers.bulk(
@@ -193,41 +184,7 @@ def test_per_request_overrides(es: Elasticsearch, via_proxy: Elasticsearch, tiny
     assert ids(hdr) == ids(resp)
 
 
-def _raw(
-    url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None
-) -> Any:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
-
-
-@pytest.mark.parametrize(
-    ("method", "path", "body"),
-    [
-        ("GET", f"/{INDEX}/_doc/3", None),
-        ("GET", f"/{INDEX}/_doc/3?_source_includes=title&pretty", None),
-        ("HEAD", f"/{INDEX}", None),
-        ("HEAD", f"/{INDEX}/_doc/nope", None),
-        ("GET", f"/{INDEX}/_count?q=coffee", None),
-        ("GET", f"/{INDEX}/_mapping", None),
-        ("GET", "/_cat/indices/rerank-test-*?h=index,docs.count&format=json", None),
-        ("POST", f"/{INDEX}/_search", b'{"query": {"match": '),  # invalid JSON: ES's own error
-        ("GET", "/no-such-index/_search?q=coffee", None),  # ES's own 404
-        ("POST", f"/{INDEX}/_count", b'{"query": {"match": {"text": "tea"}}}'),
-    ],
-)
-def test_passthrough_is_byte_equal(
-    es_url: str, proxy: ProxyThread, es: Elasticsearch, method: str, path: str, body: bytes | None
-) -> None:
-    headers = {"Content-Type": "application/json"}
-    d_status, d_headers, d_body = _raw(es_url + path, method, body, headers)
-    p_status, p_headers, p_body = _raw(proxy.url + path, method, body, headers)
-    assert (p_status, p_body) == (d_status, d_body)
-    for name in ("content-type", "x-elastic-product", "content-length"):
-        assert p_headers.get(name) == d_headers.get(name)
+# Byte-equal pass-through, relayed errors included: test_server_matrix.py, against every server.
 
 
 def test_compressed_answers_are_relayed_untouched(es_url: str, proxy: ProxyThread, es: Elasticsearch) -> None:
