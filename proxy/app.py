@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 
 from .config import Config
 from .errors import ProxyError, es_error_body
-from .relay import read_body, relay, request_headers
+from .relay import read_body, relay_streamed
 from .scorer import Scorer, load_scorer
 from .search import REASON_HEADER, STATUS_HEADER, TOOK_HEADER, SearchPipeline
 from .search_plan import search_endpoint
@@ -56,11 +56,11 @@ def json_response(status: int, body: Any, headers: CIMultiDict[str] | None = Non
 
 async def handle(request: web.Request) -> web.StreamResponse:
     cfg = request.app[CONFIG_KEY]
-    body = await read_body(request, cfg.server.max_body_bytes)
     endpoint = search_endpoint(request.method, request.path)
-    if endpoint is not None:
-        return await request.app[SEARCH_KEY].handle(request, body, endpoint)
-    return await relay(request.app[UPSTREAM_KEY], request, body or None, request_headers(request))
+    if endpoint is None:  # pass-through: the body is streamed up, never held whole
+        return await relay_streamed(request.app[UPSTREAM_KEY], request, cfg.server.max_body_bytes)
+    body = await read_body(request, cfg.server.max_body_bytes)
+    return await request.app[SEARCH_KEY].handle(request, body, endpoint)
 
 
 async def handle_stats(request: web.Request) -> web.Response:
@@ -78,12 +78,13 @@ def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
     app[STATS_KEY] = ProxyStats()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        app[UPSTREAM_KEY] = Upstream(cfg.upstream)
         own = scorer is None and cfg.rerank.enabled
         if scorer is not None:
             app[SCORER_KEY] = scorer
         elif cfg.rerank.enabled:  # disabled in config means a plain proxy: no model is loaded
             app[SCORER_KEY] = await load_scorer(cfg.rerank)
+        # After the model: a model that fails to load must not leave an unclosed client session.
+        app[UPSTREAM_KEY] = Upstream(cfg.upstream)
         app[SEARCH_KEY] = SearchPipeline(cfg, app[UPSTREAM_KEY], app.get(SCORER_KEY), app[STATS_KEY])
         try:
             yield

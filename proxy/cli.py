@@ -94,12 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(render_config(cfg), end="")
         return 0
 
-    logging.basicConfig(
-        level=cfg.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from aiohttp import web
+    from .server import configure_logging, run
 
+    configure_logging(cfg.server.log_level)
     from .app import create_app
     from .scorer import ModelLoadError
 
@@ -112,16 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.rerank.model if cfg.rerank.enabled else "disabled",
     )
     try:
-        web.run_app(
-            create_app(cfg),
-            host=cfg.server.host,
-            port=cfg.server.port,
-            print=None,
-            # A client that hangs up cancels its handler, which drops its queued pairs.
-            handler_cancellation=True,
-            # No headers in access logs: Authorization and ApiKey values must never reach a log.
-            access_log_format='%a "%r" %s %b %Tfs',
-        )
+        run(create_app(cfg), cfg.server.host, cfg.server.port)
     except ModelLoadError as exc:
         print(f"rerank-proxy: {exc}", file=sys.stderr)
         return 1

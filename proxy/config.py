@@ -55,9 +55,20 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class UpstreamConfig:
-    url: str = _opt("http://localhost:9200", "Elasticsearch base URL (http or https).")
+    url: str = _opt(
+        "http://localhost:9200",
+        "Elasticsearch base URL (http or https). Credentials in it (user:password@) are sent for every "
+        "client that sends no Authorization of its own: anyone who can reach the proxy uses them.",
+    )
     connect_timeout_s: float = _opt(5.0, "Seconds to wait for a connection to Elasticsearch.")
-    timeout_s: float = _opt(60.0, "Seconds to wait for Elasticsearch's whole answer before replying 504.")
+    timeout_s: float = _opt(
+        60.0, "Seconds to wait for Elasticsearch's whole answer to a search before replying 504."
+    )
+    passthrough_timeout_s: float | None = _opt(
+        0.0,
+        "Seconds any other request (_bulk, _reindex, _forcemerge...) may take before replying 504; 0 or "
+        "null means no limit (a client that hangs up still cancels its request upstream).",
+    )
     max_connections: int = _opt(100, "Size of the connection pool to Elasticsearch.")
     verify_certs: bool = _opt(True, "Verify Elasticsearch's TLS certificate (https only).")
     ca_certs: str | None = _opt(None, "CA bundle file for Elasticsearch's certificate.")
@@ -74,9 +85,17 @@ class UpstreamConfig:
             self.connect_timeout_s > 0, "upstream.connect_timeout_s", self.connect_timeout_s, "must be > 0"
         )
         _check(self.timeout_s > 0, "upstream.timeout_s", self.timeout_s, "must be > 0")
+        _check(
+            self.passthrough_timeout_s is None or self.passthrough_timeout_s >= 0,
+            "upstream.passthrough_timeout_s",
+            self.passthrough_timeout_s,
+            "must be >= 0 (0 or null: no limit)",
+        )
         _check(self.max_connections > 0, "upstream.max_connections", self.max_connections, "must be > 0")
         if self.ca_certs is not None:
             _check(Path(self.ca_certs).is_file(), "upstream.ca_certs", self.ca_certs, "file not found")
+            readable = _is_ca_bundle(self.ca_certs)
+            _check(readable, "upstream.ca_certs", self.ca_certs, "holds no readable certificate")
 
     def __repr__(self) -> str:
         return f"UpstreamConfig(url={mask_url(self.url)!r}, timeout_s={self.timeout_s!r})"
@@ -211,6 +230,17 @@ def _check(ok: bool, key: str, value: object, why: str) -> None:
         raise ConfigError(f"{key}: {why} (got {value!r})")
 
 
+def _is_ca_bundle(path: str) -> bool:
+    """Whether TLS can load ``path`` as CA certificates (else the first connection would fail)."""
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return False
+    return True
+
+
 def mask_url(url: str) -> str:
     """The URL with any password replaced, safe for logs."""
     parts = urlsplit(url)
@@ -293,6 +323,8 @@ def _from_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
