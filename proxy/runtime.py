@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,32 @@ def pick_device(requested: str) -> str:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"rerank.device: {requested!r} asked for but no CUDA device is visible")
+    if requested.startswith("cuda"):
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ModelLoadError(
+                f"rerank.device: {requested!r} asked for, but this torch build has no CUDA support "
+                f"(torch {torch.__version__} is a CPU-only build); install a CUDA build of torch or "
+                "set rerank.device: cpu"
+            )
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"rerank.device: {requested!r} asked for but no CUDA device is visible "
+                "(no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them)"
+            )
+        index, count = int(requested.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            visible = ", ".join(f"cuda:{i}" for i in range(count))
+            raise ModelLoadError(
+                f"rerank.device: {requested!r} asked for but only {count} CUDA device"
+                f"{'s are' if count > 1 else ' is'} visible ({visible})"
+            )
     if requested == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError("rerank.device: 'mps' asked for but it is not available")
+        why = (
+            "this machine has no usable Apple GPU"
+            if torch.backends.mps.is_built()
+            else "this torch build has no MPS support (macOS on Apple silicon only)"
+        )
+        raise ModelLoadError(f"rerank.device: 'mps' asked for but it is not available: {why}")
     return requested
 
 
@@ -104,8 +127,26 @@ def resolve_model(model: str) -> str:
 
 
 def describe_load_error(option: str, model: str, exc: BaseException) -> ModelLoadError:
+    """One line for the start-up error; the whole traceback goes to the debug log."""
+    log.debug("loading %s failed", model, exc_info=exc)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ModelLoadError(f"{option}: cannot load {model!r}: {first}")
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers draws a tqdm bar while it loads weights; on a server's stderr that is noise, and a
+    load that then fails would print it above the one error line."""
+    from transformers.utils import logging as transformers_logging
+
+    hf_logging: Any = transformers_logging  # its functions are unannotated
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def batch_tensors(
@@ -186,13 +227,22 @@ class TransformerModel:
         self.dtype = pick_dtype(dtype, self.device, bf16)
         if self.device == "cpu":
             set_cpu_threads(threads)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            net = load_weights(loader, model, self.dtype)
-        except (OSError, ValueError) as exc:
-            raise describe_load_error("rerank.model", model, exc) from exc
-        if not getattr(self.tokenizer, "is_fast", False):
-            log.warning("model %s has no fast tokenizer; tokenizing will be slower", model)
+        from .model_checks import check_compiler, check_local_folder, check_max_length, check_tokenizer
+
+        check_local_folder(model)
+        if compile:
+            check_compiler(self.device)
+        with no_progress_bars():
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(model)
+            except Exception as exc:  # transformers raises many kinds; any of them means "cannot load"
+                raise describe_load_error("rerank.model", self.name, exc) from exc
+            check_tokenizer(self.name, self.tokenizer)
+            try:
+                net = load_weights(loader, model, self.dtype)
+            except Exception as exc:
+                raise describe_load_error("rerank.model", self.name, exc) from exc
+        check_max_length(self.name, max_length, net, self.tokenizer)
         self.net = net.to(self.device).eval()
         self.forward = maybe_compile(self.net, compile)
         self.uses_types = "token_type_ids" in self.tokenizer.model_input_names

@@ -132,8 +132,22 @@ def build_model(cfg: RerankConfig) -> Model:
     else:
         model = CrossEncoderModel(cfg.model, **common)
     if cfg.warmup:
-        model.warm_up(cfg.max_batch_pairs)
+        try:
+            model.warm_up(cfg.max_batch_pairs)
+        except Exception as exc:
+            raise warm_up_error(cfg, exc) from exc
     return model
+
+
+def warm_up_error(cfg: RerankConfig, exc: Exception) -> ModelLoadError:
+    """A failed warm-up as one start-up line: torch.compile's failures name ``rerank.compile``,
+    anything else the model. The traceback goes to the debug log."""
+    log.debug("warm-up failed", exc_info=exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    compiling = cfg.compile and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
+    if compiling:
+        return ModelLoadError(f"rerank.compile: torch.compile failed while warming up: {first}")
+    return ModelLoadError(f"rerank.model: {cfg.model!r} failed on a warm-up batch: {first}")
 
 
 async def load_scorer(cfg: RerankConfig) -> EngineScorer:

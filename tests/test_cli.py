@@ -116,3 +116,13 @@ def test_readme_documents_every_option() -> None:
     for key, _ in option_keys():
         assert f"`{key}`" in readme, key
         assert ENV_PREFIX + key.replace(".", "_").upper() in readme, key
+
+
+def test_readme_table_carries_each_options_help_text() -> None:
+    """The README's configuration table says what --help and config/default.yaml say, word for word."""
+    from proxy.config import option_keys
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `")}
+    for key, f in option_keys():
+        assert rows[f"`{key}`"].rstrip().endswith(f"| {f.metadata['help']} |"), key

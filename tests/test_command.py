@@ -63,23 +63,4 @@ def test_command_serves_reranked_search(running: str, es_url: str) -> None:
         es.indices.delete(index="rerank-cmd")
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "code", "needle"),
-    [
-        (["--rerank-top-k", "0"], {}, 2, "rerank.top_k"),
-        ([], {"RERANK_PROXY_UPSTREAM_URL": "ftp://x"}, 2, "upstream.url"),
-        (["--rerank-model", "/nonexistent/model"], {}, 1, "rerank.model"),
-    ],
-)
-def test_start_up_errors_are_one_line(args: list[str], env: dict[str, str], code: int, needle: str) -> None:
-    proc = subprocess.run(
-        _cmd("--server-port", str(free_port()), *args),
-        env=_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == code
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("rerank-proxy:")]
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+# Start-up failures (bad options, models, devices, ports): tests/test_startup_errors.py.

@@ -222,8 +222,16 @@ def test_good_devices(device: str) -> None:
 
 
 def test_ca_certs_existing_file(tmp_path: Path) -> None:
-    ca = write(tmp_path, "-----BEGIN CERTIFICATE-----\n", "ca.pem")
+    import certifi  # a real CA bundle: the file must load as certificates, not merely exist
+
+    ca = write(tmp_path, Path(certifi.where()).read_text(encoding="utf-8"), "ca.pem")
     assert load_config(overrides={"upstream.ca_certs": str(ca)}).upstream.ca_certs == str(ca)
+
+
+def test_ca_certs_without_certificates(tmp_path: Path) -> None:
+    ca = write(tmp_path, "-----BEGIN CERTIFICATE-----\n", "ca.pem")
+    with pytest.raises(ConfigError, match=r"^upstream\.ca_certs: holds no readable certificate"):
+        load_config(overrides={"upstream.ca_certs": str(ca)})
 
 
 @pytest.mark.parametrize(
