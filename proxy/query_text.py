@@ -38,31 +38,42 @@ _LUCENE_FUZZ = re.compile(r"[~^][\d.]*")
 
 
 def _leaves(query: Any) -> Iterator[str]:
-    if isinstance(query, list):
-        for item in query:
-            yield from _leaves(item)
-        return
-    if not isinstance(query, dict):
-        return
+    """Texts in document order. Iterative: a client's body may nest lists or queries a thousand deep
+    (valid JSON that the JSON parser accepts), deeper than Python's recursion limit."""
+    stack: list[tuple[bool, Any]] = [(False, query)]  # (is a text, text or node), next on top
+    while stack:
+        is_text, node = stack.pop()
+        if is_text:
+            yield node
+        elif isinstance(node, list):
+            stack.extend((False, item) for item in reversed(node))
+        elif isinstance(node, dict):
+            stack.extend(reversed(_parts(node)))
+
+
+def _parts(query: dict[str, Any]) -> list[tuple[bool, Any]]:
+    """One query object's texts and scoring sub-queries, in document order."""
+    parts: list[tuple[bool, Any]] = []
     for kind, body in query.items():
-        if kind in _FIELD_LEAVES and isinstance(body, dict):
+        if not isinstance(body, dict):
+            continue
+        if kind in _FIELD_LEAVES:
             for value in body.values():
                 if isinstance(value, str):
-                    yield value
+                    parts.append((True, value))
                 elif isinstance(value, dict) and isinstance(value.get("query"), str):
-                    yield value["query"]
-        elif kind in _QUERY_LEAVES and isinstance(body, dict) and isinstance(body.get("query"), str):
-            yield body["query"]
-        elif kind == "query_string" and isinstance(body, dict) and isinstance(body.get("query"), str):
-            yield lucene_to_text(body["query"])
-        elif kind == "bool" and isinstance(body, dict):
-            for clause in _BOOL_SCORING:
-                yield from _leaves(body.get(clause))
-        elif kind == "dis_max" and isinstance(body, dict):
-            yield from _leaves(body.get("queries"))
-        elif kind in _COMPOUND_SINGLE and isinstance(body, dict):
-            for key in _COMPOUND_SINGLE[kind]:
-                yield from _leaves(body.get(key))
+                    parts.append((True, value["query"]))
+        elif kind in _QUERY_LEAVES and isinstance(body.get("query"), str):
+            parts.append((True, body["query"]))
+        elif kind == "query_string" and isinstance(body.get("query"), str):
+            parts.append((True, lucene_to_text(body["query"])))
+        elif kind == "bool":
+            parts.extend((False, body.get(clause)) for clause in _BOOL_SCORING)
+        elif kind == "dis_max":
+            parts.append((False, body.get("queries")))
+        elif kind in _COMPOUND_SINGLE:
+            parts.extend((False, body.get(key)) for key in _COMPOUND_SINGLE[kind])
+    return parts
 
 
 def lucene_to_text(query: str) -> str:
@@ -98,7 +109,7 @@ def text_at_path(body: dict[str, Any], path: str) -> str | None:
     for part in path.split("."):
         if isinstance(node, dict) and part in node:
             node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        elif isinstance(node, list) and part.isascii() and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         else:
             return None

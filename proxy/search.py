@@ -36,7 +36,7 @@ from multidict import CIMultiDict
 from . import es_json
 from .batching import QueueFull
 from .config import Config
-from .errors import RerankFailed
+from .errors import ProxyError, RerankFailed
 from .filter_path import apply_filter_path
 from .ndjson import parse_pairs, write_pairs
 from .relay import relay, request_headers, upstream_target, without_params
@@ -53,6 +53,7 @@ from .search_plan import (
     plan_search,
 )
 from .search_response import apply_order, candidates, reranked_ids
+from .source_semantics import Engine
 from .stats import ProxyStats
 from .upstream import Upstream, UpstreamResponse, forwardable
 
@@ -201,6 +202,21 @@ class SearchPipeline:
         self.upstream = upstream
         self.scorer = scorer
         self.stats = stats
+        self.engine: Engine | None = None  # learnt from the first answer, see _engine
+
+    async def _engine(self, headers: CIMultiDict[str]) -> Engine:
+        """Whose ``_source`` filtering rules apply upstream. Elasticsearch names itself in
+        ``X-Elastic-Product`` on every answer, errors included (the integ-test zip's 405 to ``GET /``
+        too); OpenSearch never does. Asked once, with the client's credentials."""
+        if self.engine is None:
+            probe = forwardable(headers, drop=("Content-Type", "Accept-Encoding"))
+            try:
+                resp = await self.upstream.request("GET", "/", probe, None)
+            except ProxyError:
+                return "elasticsearch"  # not cached: the next search asks again
+            product = resp.headers.get("X-Elastic-Product", "")
+            self.engine = "elasticsearch" if product == "Elasticsearch" else "opensearch"
+        return self.engine
 
     async def handle(self, request: web.Request, raw: bytes, endpoint: str) -> web.StreamResponse:
         """A request to one of the search APIs, answered reranked or exactly as Elasticsearch answers."""
@@ -248,7 +264,8 @@ class SearchPipeline:
             body = {**rendered, **flags}
             target = without_params(_without_template(target), frozenset(_TEMPLATE_FLAGS))
 
-        plan = plan_search(list(request.query.items()), body, self.cfg.rerank, overrides)
+        engine = await self._engine(headers)
+        plan = plan_search(list(request.query.items()), body, self.cfg.rerank, overrides, engine)
         if isinstance(plan, Passthrough):
             return await self._relay(request, original, headers, [skipped(plan.reason)])
         answer = await self._ask(
@@ -286,12 +303,13 @@ class SearchPipeline:
             rendered = await asyncio.gather(*(self._render(headers, body) for body in bodies))
             if any(r is None for r in rendered):
                 return await self._relay(
-                    request, original, headers, [skipped("template_not_rendered")] * len(pairs, multi=True)
+                    request, original, headers, [skipped("template_not_rendered")] * len(pairs), multi=True
                 )
             bodies, target = [r for r in rendered if r is not None], _without_template(target)
 
+        engine = await self._engine(headers)
         items = [
-            Item(plan_search([], body, self.cfg.rerank, over), body)
+            Item(plan_search([], body, self.cfg.rerank, over, engine), body)
             for body, over in zip(bodies, overrides, strict=True)
         ]
         if not any(isinstance(item.plan, RerankPlan) for item in items):
@@ -304,7 +322,7 @@ class SearchPipeline:
         answer = await self._ask(request.method, target, headers, widened)
         if refused(answer.status):
             return await self._relay(
-                request, original, headers, [skipped("upstream_rejected_rewrite")] * len(items, multi=True)
+                request, original, headers, [skipped("upstream_rejected_rewrite")] * len(items), multi=True
             )
         filter_path = request.query.get("filter_path")
         if answer.status != 200:
@@ -313,7 +331,7 @@ class SearchPipeline:
         responses = data.get("responses") if isinstance(data, dict) else None
         if not isinstance(responses, list) or len(responses) != len(items):
             return await self._relay(
-                request, original, headers, [skipped("unreadable_response")] * len(items, multi=True)
+                request, original, headers, [skipped("unreadable_response")] * len(items), multi=True
             )
 
         # Sub-searches whose widened form Elasticsearch refused go up again as the client sent them.
@@ -336,7 +354,8 @@ class SearchPipeline:
                     request,
                     original,
                     headers,
-                    [skipped("upstream_rejected_rewrite")] * len(items, multi=True),
+                    [skipped("upstream_rejected_rewrite")] * len(items),
+                    multi=True,
                 )
             for i, item_answer in zip(again, redone_items, strict=True):
                 responses[i] = item_answer

@@ -28,6 +28,7 @@ from .source_filter import (
     parse_source_filter,
     plan_source,
 )
+from .source_semantics import Engine
 
 # The reserved body key for per-request options; removed before the body reaches Elasticsearch.
 OVERRIDE_KEY = "_rerank"
@@ -188,6 +189,7 @@ def plan_search(
     body: dict[str, Any] | None,
     cfg: RerankConfig,
     overrides: Overrides,
+    engine: Engine = "elasticsearch",
 ) -> Passthrough | RerankPlan:
     """Rerank, or say why not. ``body`` is the parsed JSON body with the override key removed."""
     q = dict(params)
@@ -241,7 +243,7 @@ def plan_search(
         return Passthrough("invalid_request")
     if _stored_fields_hide_source(src, q):
         wanted = SourceFilter(fetch=False)
-    patch = plan_source(wanted, fields)
+    patch = plan_source(wanted, fields, engine)
 
     dropped = frozenset({"from", "size", "filter_path"} | (set(SOURCE_PARAMS) if patch else set()))
     upstream_body = dict(src)  # only top-level keys change: a shallow copy leaves the caller's intact

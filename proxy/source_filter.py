@@ -1,33 +1,102 @@
 """Making the passage field visible to the reranker without changing what the client sees.
 
 A client may ask for ``_source: false`` or exclude the very field the reranker reads. The proxy then
-widens the filter it sends upstream just enough to get the passage field, and afterwards removes from
-each hit exactly what the client's own filter would have removed. Matching follows Elasticsearch's
-source filtering: ``*`` spans any characters (dots included) and a pattern that names an object
-covers everything below it.
+widens the filter it sends upstream just enough to get the passage field, and afterwards cuts each
+hit back to what the client's own filter returns, with Elasticsearch's own filtering rules
+(:mod:`proxy.source_semantics`).
+
+Two promises beyond the hits themselves:
+
+- the filter is read exactly as Elasticsearch reads it (``FetchSourceContext``): ``_source=`` takes
+  only ``true`` and ``false`` as booleans, ``_source_includes`` replaces the includes ``_source=``
+  gave, and any URL parameter replaces the body's ``_source`` (which is still parsed, and refused
+  when malformed);
+- the widened filter draws no warning the client's own request would not draw, and keeps the
+  client's spelling (``include`` or ``includes``, a string or a list), so a deprecated spelling still
+  earns its deprecation warning. Elasticsearch 8 warns about ``include``/``exclude``; OpenSearch 3
+  also about an empty ``includes``/``excludes`` array, an object left without patterns and
+  ``"_source": []``, and refuses a pattern that is both included and excluded (checked against
+  both servers in ``tests/test_source_filter_server.py``).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .source_semantics import Engine, filter_source, names_path, uses_map_filtering
 
 SOURCE_PARAMS = ("_source", "_source_includes", "_source_excludes")
+_INCLUDE_KEYS = ("includes", "include")  # the second is deprecated: Elasticsearch warns
+_EXCLUDE_KEYS = ("excludes", "exclude")
+# Stand-ins for a key the widening empties: "*" selects every field, "" none (Elasticsearch refuses
+# empty or blank top-level field names); neither is an empty array.
+_EVERYTHING = "*"
+_NOTHING = ""
+
+Shape = Literal["none", "bool", "string", "list", "object"]
+ValueShape = Literal["string", "list", "empty"]
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How the client wrote the body's ``_source``: its JSON shape and, for an object, each key in
+    order with the shape of its value. ``none`` when it came from the URL or was absent."""
+
+    shape: Shape = "none"
+    keys: tuple[tuple[str, ValueShape], ...] = ()
 
 
 @dataclass(frozen=True)
 class SourceFilter:
-    """What a request asks of ``_source``: fetch at all, and include/exclude patterns."""
+    """What a request asks of ``_source``: fetch at all, and include/exclude patterns as given."""
 
     fetch: bool = True
     includes: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
+    spelling: Spelling = field(default=Spelling(), compare=False)
 
-    def to_body(self) -> dict[str, Any]:
-        return {"includes": list(self.includes), "excludes": list(self.excludes)}
+    def to_body(self) -> Any:
+        """This filter as a body ``_source``, in the client's spelling and drawing no warning of its own."""
+        if not self.fetch:
+            return False
+        if self.spelling.shape == "object":
+            return self._object_body()
+        if self.includes and not self.excludes and self.spelling.shape in ("string", "list"):
+            if self.spelling.shape == "string" and len(self.includes) == 1:
+                return self.includes[0]
+            return list(self.includes)
+        body = {k: list(v) for k, v in (("includes", self.includes), ("excludes", self.excludes)) if v}
+        return body or True  # never {"includes": [], "excludes": []}
+
+    def _object_body(self) -> dict[str, Any] | bool:
+        """Every key the client wrote, in its order and value shape, carrying the widened patterns.
+
+        An emptied key keeps a stand-in (``*``: every field, a blank: none): dropping it would lose
+        a deprecated key's warning, and an empty array, or an object left without patterns, draws
+        OpenSearch 3's. An empty array the client sent itself stays, with the warning it draws."""
+        body: dict[str, Any] = {}
+        for key, shape in self.spelling.keys:
+            values = self.includes if key in _INCLUDE_KEYS else self.excludes
+            if not values and shape != "empty":
+                values = (_EVERYTHING,) if key in _INCLUDE_KEYS else (self._nothing(),)
+            body[key] = values[0] if shape == "string" and len(values) == 1 else list(values)
+        written = {key for key, _ in self.spelling.keys}
+        for key, group, values in (
+            ("includes", _INCLUDE_KEYS, self.includes),
+            ("excludes", _EXCLUDE_KEYS, self.excludes),
+        ):
+            if values and written.isdisjoint(group):
+                body[key] = list(values)
+        return body or True
+
+    def _nothing(self) -> str:
+        """A blank exclude pattern that is not also an include (OpenSearch 3 refuses that)."""
+        blank = _NOTHING
+        while blank in self.includes:
+            blank += " "
+        return blank
 
 
 @dataclass(frozen=True)
@@ -37,141 +106,140 @@ class SourcePatch:
     original: SourceFilter
     upstream: SourceFilter
     fields: tuple[str, ...]
-    dropped_excludes: tuple[str, ...]
+    engine: Engine = "elasticsearch"
 
 
 class SourceFilterError(ValueError):
-    """The request's ``_source`` option has a shape Elasticsearch would reject too."""
+    """The request's ``_source`` has a shape Elasticsearch refuses, or one the servers disagree on
+    (numbers and booleans in the array form): the request is left to the server."""
 
 
-def _patterns(value: Any, key: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
+def _split_param(value: str) -> tuple[str, ...]:
+    """Java's ``String.split(",")``: empty entries stay, except trailing ones."""
+    parts = value.split(",")
+    while parts and parts[-1] == "":
+        parts.pop()
+    return tuple(parts)
+
+
+def _parse_params(params: Mapping[str, str], spelling: Spelling) -> SourceFilter:
+    fetch = True
+    includes: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    raw = params.get("_source")
+    if raw == "false":
+        fetch = False
+    elif raw is not None and raw != "true":  # "1", "no", "TRUE"... are field patterns
+        includes = _split_param(raw)
+    if "_source_includes" in params:
+        includes = _split_param(params["_source_includes"])
+    if "_source_excludes" in params:
+        excludes = _split_param(params["_source_excludes"])
+    return SourceFilter(fetch, includes, excludes, spelling)
+
+
+def _list_item(item: Any) -> str:
+    # Elasticsearch takes a number's or a boolean's text here, OpenSearch 3 refuses them: either way
+    # the request is left to the server, which answers it itself.
+    if isinstance(item, str):
+        return item
+    raise SourceFilterError(f"[_source] array entries must be strings, got [{item!r}]")
+
+
+def _object_value(value: Any, key: str) -> tuple[tuple[str, ...], ValueShape]:
     if isinstance(value, str):
-        return tuple(p for p in value.split(",") if p) if key == "url" else (value,)
+        return (value,), "string"
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise SourceFilterError(f"[_source] {key} must be a string or a list of strings")
+        return tuple(value), "list" if value else "empty"
+    raise SourceFilterError(f"[_source.{key}] must be a string or an array of strings")
 
 
-def parse_source_filter(body_source: Any, params: dict[str, str]) -> SourceFilter:
-    """The effective filter: URL parameters, when present, replace the body's ``_source``."""
-    if any(p in params for p in SOURCE_PARAMS):
-        raw = params.get("_source")
-        fetch = True
-        includes: tuple[str, ...] = ()
-        if raw is not None:
-            if raw.lower() in {"false", "0", "no", "off"}:
-                fetch = False
-            elif raw.lower() not in {"true", "1", "yes", "on", ""}:
-                includes = _patterns(raw, "url")
-        includes = includes + _patterns(params.get("_source_includes"), "url")
-        excludes = _patterns(params.get("_source_excludes"), "url")
-        return SourceFilter(fetch, includes, excludes)
-    if body_source is None or body_source is True:
+def _parse_body(value: Any) -> SourceFilter:
+    if value is None:
         return SourceFilter()
-    if body_source is False:
-        return SourceFilter(fetch=False)
-    if isinstance(body_source, (str, list)):
-        return SourceFilter(includes=_patterns(body_source, "includes"))
-    if isinstance(body_source, dict):
-        inc = body_source.get("includes", body_source.get("include"))
-        exc = body_source.get("excludes", body_source.get("exclude"))
-        return SourceFilter(includes=_patterns(inc, "includes"), excludes=_patterns(exc, "excludes"))
-    raise SourceFilterError("[_source] must be a boolean, a string, a list or an object")
+    if isinstance(value, bool):
+        return SourceFilter(fetch=value, spelling=Spelling("bool"))
+    if isinstance(value, str):
+        return SourceFilter(includes=(value,), spelling=Spelling("string"))
+    if isinstance(value, list):
+        return SourceFilter(includes=tuple(map(_list_item, value)), spelling=Spelling("list"))
+    if not isinstance(value, dict):
+        raise SourceFilterError("[_source] must be a boolean, a string, an array or an object")
+    includes: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    keys: list[tuple[str, ValueShape]] = []
+    for key, item in value.items():  # a repeated meaning (include, then includes): the last one wins
+        if key in _INCLUDE_KEYS:
+            includes, shape = _object_value(item, key)
+        elif key in _EXCLUDE_KEYS:
+            excludes, shape = _object_value(item, key)
+        else:  # exclude_vectors (Elasticsearch 8.19+) drops vector fields, and objects they empty,
+            # by rules of its own that cutting back cannot mirror: left to the server
+            raise SourceFilterError(f"[_source] key [{key}] is left to the server")
+        keys.append((key, shape))
+    return SourceFilter(True, includes, excludes, Spelling("object", tuple(keys)))
 
 
-@lru_cache(maxsize=256)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    # Elasticsearch's simple match: ``*`` is the only wildcard; everything else is literal.
-    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")), re.DOTALL)
+def parse_source_filter(body_source: Any, params: Mapping[str, str]) -> SourceFilter:
+    """The filter Elasticsearch applies: the body's ``_source``, replaced as a whole by the URL's
+    ``_source``/``_source_includes``/``_source_excludes`` when any is present.
+
+    Raises :class:`SourceFilterError` for a body ``_source`` Elasticsearch would refuse, even when
+    the URL overrides it: Elasticsearch parses the body first.
+    """
+    body = _parse_body(body_source)
+    if not any(p in params for p in SOURCE_PARAMS):
+        return body
+    # Only an object body can draw a warning (a deprecated key) that the widened body must keep.
+    return _parse_params(params, body.spelling if body.spelling.shape == "object" else Spelling())
 
 
-def _ancestors_and_self(path: str) -> list[str]:
-    parts = path.split(".")
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
-
-
-def matches(path: str, pattern: str) -> bool:
-    """True when the pattern selects ``path`` itself or an object that contains it."""
-    return any(_compiled(pattern).fullmatch(p) for p in _ancestors_and_self(path))
-
-
-def fully_included(path: str, flt: SourceFilter) -> bool:
-    if not flt.fetch:
+def _returned(path: str, flt: SourceFilter, engine: Engine) -> bool:
+    """Whether the client's filter returns the field at ``path`` whole."""
+    by_map = uses_map_filtering(flt.excludes, engine)
+    if flt.includes and not names_path(flt.includes, path, by_map):
         return False
-    if flt.includes and not any(matches(path, p) for p in flt.includes):
-        return False
-    return not any(matches(path, p) for p in flt.excludes)
+    return not names_path(flt.excludes, path, by_map)
 
 
-def plan_source(flt: SourceFilter, fields: Sequence[str]) -> SourcePatch | None:
-    """None when every passage field already comes back; otherwise the widened upstream filter."""
-    if all(fully_included(f, flt) for f in fields):
+def plan_source(
+    flt: SourceFilter, fields: Sequence[str], engine: Engine = "elasticsearch"
+) -> SourcePatch | None:
+    """None when every passage field already comes back; otherwise the widened upstream filter.
+
+    The widened filter adds the passage fields to the includes (if any) and drops the excludes that
+    select them; everything else is the client's. Cutting back is then filtering the widened hit
+    with the client's filter, provided both filters are applied the same way: when dropping excludes
+    would move Elasticsearch from map to path filtering (no ``*`` exclude left), whose rules for
+    emptied objects differ, the whole ``_source`` is fetched instead.
+    """
+    if flt.fetch and all(_returned(f, flt, engine) for f in fields):
         return None
-    if not flt.fetch:
-        upstream = SourceFilter(includes=tuple(fields))
-        return SourcePatch(flt, upstream, tuple(fields), ())
-    includes = flt.includes + tuple(f for f in fields if f not in flt.includes) if flt.includes else ()
-    kept = tuple(p for p in flt.excludes if not any(matches(f, p) for f in fields))
-    dropped = tuple(p for p in flt.excludes if p not in kept)
-    return SourcePatch(flt, SourceFilter(True, includes, kept), tuple(fields), dropped)
-
-
-def _prune(node: Any, prefix: str, remove: Callable[[str], bool], keep: set[str]) -> None:
-    """Delete keys that ``remove`` selects, except paths in ``keep`` and the objects holding them."""
-    if isinstance(node, list):
-        for item in node:
-            _prune(item, prefix, remove, keep)
-        return
-    if not isinstance(node, dict):
-        return
-    for key in list(node):
-        path = f"{prefix}{key}"
-        if path in keep:
-            continue
-        if any(k.startswith(path + ".") for k in keep):
-            _prune(node[key], path + ".", remove, keep)
-        elif remove(path):
-            del node[key]
-        else:
-            _prune(node[key], path + ".", remove, keep)
-
-
-def _remove_field(node: Any, parts: list[str], prefix: str, original: SourceFilter) -> None:
-    """Remove one dotted field; an object it leaves empty goes too unless the client's filter kept it."""
-    if isinstance(node, list):
-        for item in node:
-            _remove_field(item, parts, prefix, original)
-        return
-    if not isinstance(node, dict) or parts[0] not in node:
-        return
-    key, path = parts[0], prefix + parts[0]
-    if len(parts) == 1:
-        del node[key]
-        return
-    _remove_field(node[key], parts[1:], path + ".", original)
-    if node[key] == {} and not fully_included(path, original):
-        del node[key]
+    includes: tuple[str, ...] = tuple(fields)
+    excludes: tuple[str, ...] = ()
+    if flt.fetch:
+        by_map = uses_map_filtering(flt.excludes, engine)
+        includes = flt.includes + tuple(f for f in fields if f not in flt.includes) if flt.includes else ()
+        excludes = tuple(p for p in flt.excludes if not any(names_path((p,), f, by_map) for f in fields))
+        if by_map and not uses_map_filtering(excludes, engine):
+            includes, excludes = (), ()
+    if set(flt.includes) & set(flt.excludes) and not set(includes) & set(excludes):
+        # OpenSearch 3 refuses a pattern both included and excluded (even with _source=false); the
+        # widened request must be refused too, so the client gets the answer to its own request.
+        # "" names no field anywhere.
+        includes, excludes = (*(includes or (_EVERYTHING,)), _NOTHING), (*excludes, _NOTHING)
+    return SourcePatch(flt, SourceFilter(True, includes, excludes, flt.spelling), tuple(fields), engine)
 
 
 def restore_hit(hit: dict[str, Any], patch: SourcePatch) -> None:
     """Cut one hit's ``_source`` back to what the client's own filter returns (in place)."""
     if "_source" not in hit:
         return
-    if not patch.original.fetch:
+    original = patch.original
+    if not original.fetch:
         del hit["_source"]
-        return
-    source = hit["_source"]
-    passage = {f for f in patch.fields if not fully_included(f, patch.original)}
-    if patch.dropped_excludes:
-
-        def excluded(path: str) -> bool:
-            return any(matches(path, p) for p in patch.dropped_excludes)
-
-        _prune(source, "", excluded, passage)
-    for field in sorted(passage):
-        _remove_field(source, field.split("."), "", patch.original)
+    elif isinstance(hit["_source"], dict):
+        hit["_source"] = filter_source(hit["_source"], original.includes, original.excludes, patch.engine)
 
 
 def restore_hits(hits: Iterable[dict[str, Any]], patch: SourcePatch | None) -> None:

@@ -135,3 +135,17 @@ def test_text_at_path(path: str, expected: str | None) -> None:
         }
     }
     assert text_at_path(body, path) == expected
+
+
+def test_text_at_path_list_index_is_ascii_digits() -> None:
+    """``"²".isdigit()`` is true but ``int("²")`` fails: only ASCII digits index a list."""
+    body = {"a": ["x"]}
+    assert text_at_path(body, "a.²") is None
+    assert text_at_path(body, "a.0") == "x"
+
+
+def test_deeply_nested_query_keeps_document_order() -> None:
+    query: Any = {"bool": {"must": [{"match": {"t": "one"}}], "should": {"match": {"t": "three"}}}}
+    for _ in range(600):
+        query = {"bool": {"must": [query, {"match": {"t": "two"}}]}}
+    assert q(query) == "one three two"

@@ -211,12 +211,12 @@ def test_source_patch_and_dropped_source_params() -> None:
     p = rerank({**MATCH, "_source": ["title"]}, {"_source_excludes": "text"})
     assert p.source is not None
     assert p.source.original == SourceFilter(includes=(), excludes=("text",))
-    assert p.body["_source"] == {"includes": [], "excludes": []}
+    assert p.body["_source"] is True  # the URL's filter replaced the body's: widened, it fetches all
     assert p.dropped_params == frozenset(
         {"from", "size", "filter_path", "_source", "_source_includes", "_source_excludes"}
     )
     q = rerank({**MATCH, "_source": False})
-    assert q.body["_source"] == {"includes": ["text"], "excludes": []}
+    assert q.body["_source"] == {"includes": ["text"]}
     assert "_source" in q.dropped_params
 
 
