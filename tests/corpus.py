@@ -54,3 +54,18 @@ MAPPINGS: dict[str, Any] = {
         "meta": {"properties": {"lang": {"type": "keyword"}, "summary": {"type": "text"}}},
     }
 }
+
+
+def create_index(client: Any, name: str, docs: list[dict[str, Any]], **settings: Any) -> None:
+    """(Re)create ``name`` with :data:`MAPPINGS` on one shard and index ``docs`` (their ``id`` is the
+    ``_id``), refreshed: what every integration module needs before it searches."""
+    client.options(ignore_status=404).indices.delete(index=name)
+    client.indices.create(
+        index=name, mappings=MAPPINGS, settings={"number_of_shards": 1, "number_of_replicas": 0, **settings}
+    )
+    from elasticsearch import helpers
+
+    helpers.bulk(
+        client, ({"_index": name, "_id": d["id"], **{k: v for k, v in d.items() if k != "id"}} for d in docs)
+    )
+    client.indices.refresh(index=name)

@@ -11,20 +11,19 @@ import gzip
 import json
 import re
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from elasticsearch import Elasticsearch, helpers
+from elasticsearch import Elasticsearch
 
 from proxy import es_json
 
 from .conftest import ProxyThread, free_port, make_config
-from .corpus import DOCS
+from .corpus import DOCS, create_index
+from .servers import http as _raw
 from .tiny_model import reference_scores
 
 pytestmark = pytest.mark.integration
@@ -50,17 +49,6 @@ ODD_VALUES = {
 }
 
 
-def _raw(
-    url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
-
-
 def post(base: str, path: str, body: Any, **headers: str) -> tuple[int, dict[str, str], bytes]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return _raw(base + path, "POST", data, {"Content-Type": "application/json", **headers})
@@ -69,25 +57,9 @@ def post(base: str, path: str, body: Any, **headers: str) -> tuple[int, dict[str
 @pytest.fixture(scope="module")
 def es(es_url: str) -> Iterator[Elasticsearch]:
     client = Elasticsearch(es_url)
-    for name in (INDEX, SMALL_WINDOW):
-        client.options(ignore_status=404).indices.delete(index=name)
-    client.indices.create(
-        index=INDEX,
-        mappings={
-            "properties": {"title": {"type": "text"}, "text": {"type": "text"}, "tag": {"type": "keyword"}}
-        },
-        settings={"number_of_shards": 1, "number_of_replicas": 0},
-    )
-    client.indices.create(
-        index=SMALL_WINDOW, settings={"number_of_shards": 1, "number_of_replicas": 0, "max_result_window": 15}
-    )
     docs = [*DOCS, *UNTEXTED, ODD_VALUES]
-    for name in (INDEX, SMALL_WINDOW):
-        helpers.bulk(
-            client,
-            ({"_index": name, "_id": d["id"], **{k: v for k, v in d.items() if k != "id"}} for d in docs),
-        )
-    client.indices.refresh(index=[INDEX, SMALL_WINDOW])
+    create_index(client, INDEX, docs)
+    create_index(client, SMALL_WINDOW, docs, max_result_window=15)
     yield client
     client.close()
 

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from .conftest import ProxyThread, make_config
-from .corpus import DOCS
+from .corpus import DOCS, MAPPINGS
 from .tiny_model import reference_scores
 
 pytestmark = pytest.mark.integration
@@ -42,15 +42,6 @@ MATCH = {"match": {"text": QUERY}}
 BREAD = "sourdough bread starter"
 TEA = "green tea brewed below boiling"
 TAGS = {"tags": {"terms": {"field": "tag"}}}
-MAPPINGS = {
-    "properties": {
-        "title": {"type": "text"},
-        "text": {"type": "text"},
-        "tag": {"type": "keyword"},
-        "year": {"type": "integer"},
-        "meta": {"properties": {"lang": {"type": "keyword"}, "summary": {"type": "text"}}},
-    }
-}
 TITLES = {d["id"]: d["title"] for d in DOCS}
 
 

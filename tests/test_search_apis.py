@@ -15,10 +15,10 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from elasticsearch import Elasticsearch, helpers
+from elasticsearch import Elasticsearch
 
 from .conftest import ProxyThread, make_config
-from .corpus import DOCS
+from .corpus import DOCS, create_index
 from .test_fidelity import _raw, post
 from .tiny_model import reference_scores
 
@@ -34,25 +34,8 @@ MATCH = {"match": {"text": QUERY}}
 @pytest.fixture(scope="module")
 def es(es_url: str) -> Iterator[Elasticsearch]:
     client = Elasticsearch(es_url)
-    for name in (INDEX, OTHER):
-        client.options(ignore_status=404).indices.delete(index=name)
-        client.indices.create(
-            index=name,
-            mappings={
-                "properties": {
-                    "title": {"type": "text"},
-                    "text": {"type": "text"},
-                    "tag": {"type": "keyword"},
-                }
-            },
-            settings={"number_of_shards": 1, "number_of_replicas": 0},
-        )
-    docs = DOCS
-    helpers.bulk(
-        client, ({"_index": INDEX, "_id": d["id"], **{k: v for k, v in d.items() if k != "id"}} for d in docs)
-    )
-    helpers.bulk(client, ({"_index": OTHER, "_id": f"o{d['id']}", "text": d["title"]} for d in docs[:15]))
-    client.indices.refresh(index=[INDEX, OTHER])
+    create_index(client, INDEX, DOCS)
+    create_index(client, OTHER, [{"id": f"o{d['id']}", "text": d["title"]} for d in DOCS[:15]])
     yield client
     client.close()
 
