@@ -4,7 +4,11 @@ One run, one machine, ratios (this machine is noisy; absolute figures move, rati
 - pass-through: GET /{index}/_doc/{id};
 - search with reranking off (X-Rerank-Enabled: false): the search path's parsing and relaying;
 - reranked search (top_k as configured, size 10) vs the plain Elasticsearch search, with the time
-  the model took (X-Rerank-Took-Ms) reported apart.
+  the model took (X-Rerank-Took-Ms) reported apart;
+- the same reranked search with ``Accept-Encoding: gzip`` (Elasticsearch compresses, so the proxy
+  decompresses, reranks and compresses again);
+- an ``_msearch`` of 5 reranked searches (their pairs share the model's batches) vs the same
+  ``_msearch`` straight to Elasticsearch.
 
 The corpus and queries are NovelEval's (../shared/data/noveleval). The proxy runs as a separate
 ``rerank-proxy`` process, as in production. Without --model, a tiny random cross-encoder is built
@@ -34,6 +38,13 @@ from benchmarks import datasets
 from benchmarks.common import ROOT, elasticsearch, machine, model_folder, pct, proxy_process
 
 INDEX = "bench-noveleval"
+CASES = (
+    "pass_through_get",
+    "search_rerank_off",
+    "search_reranked",
+    "search_reranked_gzip",
+    "msearch_5_reranked",
+)
 
 
 def load_noveleval() -> tuple[list[tuple[str, str]], list[str]]:
@@ -47,7 +58,7 @@ def load_noveleval() -> tuple[list[tuple[str, str]], list[str]]:
 async def timed(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[float, Any]:
     start = time.perf_counter()
     async with session.request(method, url, **kw) as resp:
-        await resp.read()
+        await resp.read()  # aiohttp decompresses gzip here, as a client would
         if resp.status >= 400:
             raise SystemExit(f"overhead.py: {method} {url} answered {resp.status}")
         return (time.perf_counter() - start) * 1000, resp.headers
@@ -102,11 +113,30 @@ async def run(es: str, proxy: str, n: int, docs: list[tuple[str, str]], queries:
 
             return make
 
-        await compare(session, es, proxy, 10, search({}))  # warm-up: model, pools, ES caches
+        def msearch(i: int) -> Any:
+            lines = "".join(
+                json.dumps({"index": INDEX})
+                + "\n"
+                + json.dumps({"query": {"match": {"text": queries[(i * 5 + j) % len(queries)]}}, "size": 10})
+                + "\n"
+                for j in range(5)
+            )
+            headers = {"Content-Type": "application/x-ndjson", **plain}
+            return "POST", "/_msearch", {"data": lines, "headers": headers}
+
+        plain = {"Accept-Encoding": "identity"}  # aiohttp asks for gzip unless told otherwise
+        await compare(session, es, proxy, 10, search(plain))  # warm-up: model, pools, ES caches
+        reranked = max(20, n // 5)
         return {
             "pass_through_get": await compare(session, es, proxy, n, get),
-            "search_rerank_off": await compare(session, es, proxy, n, search({"X-Rerank-Enabled": "false"})),
-            "search_reranked": await compare(session, es, proxy, max(20, n // 5), search({})),
+            "search_rerank_off": await compare(
+                session, es, proxy, n, search({**plain, "X-Rerank-Enabled": "false"})
+            ),
+            "search_reranked": await compare(session, es, proxy, reranked, search(plain)),
+            "search_reranked_gzip": await compare(
+                session, es, proxy, reranked, search({"Accept-Encoding": "gzip"})
+            ),
+            "msearch_5_reranked": await compare(session, es, proxy, max(10, reranked // 4), msearch),
         }
 
 
@@ -138,12 +168,18 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'case':<20}{'direct p50':>12}{'proxy p50':>12}{'ratio':>8}{'added ms':>10}{'scoring':>10}")
-    for case in ("pass_through_get", "search_rerank_off", "search_reranked"):
+    for case in CASES:
         r = result[case]
         print(
             f"{case:<20}{r['direct_p50_ms']:>12.2f}{r['proxy_p50_ms']:>12.2f}{r['p50_ratio']:>8.2f}"
             f"{r['added_p50_ms']:>10.2f}{r.get('scoring_p50_ms', float('nan')):>10.2f}"
         )
+    gzip_cost = result["search_reranked_gzip"]["added_p50_ms_excluding_scoring"]
+    plain_cost = result["search_reranked"]["added_p50_ms_excluding_scoring"]
+    print(
+        f"compression costs the proxy {gzip_cost - plain_cost:.2f} ms a reranked search "
+        "(p50, scoring excluded)"
+    )
     print(f"written to {args.out}")
 
 
