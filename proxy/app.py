@@ -89,6 +89,7 @@ def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
         try:
             yield
         finally:
+            await app[SEARCH_KEY].aclose()
             await app[UPSTREAM_KEY].close()
             if own:
                 await app[SCORER_KEY].aclose()

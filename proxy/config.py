@@ -155,9 +155,44 @@ class RerankConfig:
         "passage embeddings keyed by passage hash (bi-encoder).",
     )
     timeout_ms: int = _opt(5000, "Milliseconds reranking may take; past it the original order is returned.")
+    fusion: str = _opt(
+        "none",
+        "How the served order combines the model's with Elasticsearch's: none (the model's), rrf "
+        "(reciprocal rank fusion) or linear (weighted normalised scores).",
+    )
+    fusion_k: int = _opt(60, "rrf's rank constant: 1/(k + rank) from each ranking.")
+    fusion_weight: float = _opt(0.5, "linear fusion: the model's weight (0..1); Elasticsearch's is the rest.")
+    mode: str = _opt(
+        "serve",
+        "serve (answer in the reranked order) or shadow (answer with Elasticsearch's own answer at once "
+        "and score in the background, recording how the orders differ).",
+    )
+    sample_rate: float = _opt(
+        1.0, "Share of searches reranked (0..1); the others are passed through (an A/B split)."
+    )
+    sample_key_header: str | None = _opt(
+        None,
+        "Request header whose value picks the variant (e.g. a session id), so one user always sees one; "
+        "empty means each search is drawn at random.",
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.model.strip()), "rerank.model", self.model, "must not be empty")
+        _check(
+            self.fusion in {"none", "rrf", "linear"},
+            "rerank.fusion",
+            self.fusion,
+            "must be none, rrf or linear",
+        )
+        _check(self.fusion_k >= 1, "rerank.fusion_k", self.fusion_k, "must be >= 1")
+        _check(
+            0 <= self.fusion_weight <= 1,
+            "rerank.fusion_weight",
+            self.fusion_weight,
+            "must be between 0 and 1",
+        )
+        _check(self.mode in {"serve", "shadow"}, "rerank.mode", self.mode, "must be serve or shadow")
+        _check(0 <= self.sample_rate <= 1, "rerank.sample_rate", self.sample_rate, "must be between 0 and 1")
         _check(
             self.scorer in {"cross-encoder", "bi-encoder"},
             "rerank.scorer",

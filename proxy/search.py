@@ -38,8 +38,9 @@ from .batching import QueueFull
 from .config import Config
 from .errors import ProxyError, RerankFailed
 from .filter_path import apply_filter_path
+from .fusion import fuse
 from .ndjson import parse_pairs, write_pairs
-from .relay import relay, request_headers, upstream_target, without_params
+from .relay import Tee, relay, request_headers, upstream_target, without_params
 from .scorer import Scorer
 from .search_plan import (
     MSEARCH,
@@ -52,7 +53,8 @@ from .search_plan import (
     parse_overrides,
     plan_search,
 )
-from .search_response import apply_order, candidates, reranked_ids
+from .search_response import apply_order, candidates, passage_text, reranked_ids
+from .shadow import in_sample, model_order, order_diff
 from .source_semantics import Engine
 from .stats import ProxyStats
 from .upstream import Upstream, UpstreamResponse, forwardable
@@ -63,6 +65,9 @@ STATUS_HEADER = "X-Rerank-Status"  # "reranked" or "skipped"; for a multi-search
 REASON_HEADER = "X-Rerank-Reason"  # why it was skipped
 TOOK_HEADER = "X-Rerank-Took-Ms"  # scoring time
 ITEMS_HEADER = "X-Rerank-Items"  # multi-search: one outcome per sub-search, in order
+VARIANT_HEADER = "X-Rerank-Variant"  # with rerank.sample_rate < 1: "rerank" or "control"
+_VARIANT = "rerank_variant"  # the request's variant, kept on the request for every answer it gets
+SHADOW_MAX_BYTES = 16 * 1024 * 1024  # larger answers are relayed but not compared
 _JSON_TYPES = ("application/json", "application/vnd.elasticsearch+json", "application/x-ndjson")
 _NDJSON_TYPES = ("application/x-ndjson", "application/vnd.elasticsearch+x-ndjson", "application/json")
 _COMPAT = re.compile(r"compatible-with=(\d+)")
@@ -203,6 +208,24 @@ class SearchPipeline:
         self.scorer = scorer
         self.stats = stats
         self.engine: Engine | None = None  # learnt from the first answer, see _engine
+        self._background: set[asyncio.Task[None]] = set()  # shadow comparisons under way
+
+    async def aclose(self) -> None:
+        """Stop shadow comparisons still under way (before the scorer closes under them)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _sampled(self, request: web.Request) -> bool:
+        """The A/B split (``rerank.sample_rate``): False puts the request in the control group,
+        answered as a pass-through; the variant goes back in :data:`VARIANT_HEADER`."""
+        rate = self.cfg.rerank.sample_rate
+        if rate >= 1.0:
+            return True
+        header = self.cfg.rerank.sample_key_header
+        chosen = in_sample(request.headers.get(header) if header else None, rate)
+        request[_VARIANT] = "rerank" if chosen else "control"
+        return chosen
 
     async def _engine(self, headers: CIMultiDict[str]) -> Engine:
         """Whose ``_source`` filtering rules apply upstream. Elasticsearch names itself in
@@ -253,6 +276,8 @@ class SearchPipeline:
         overrides = parse_overrides(request.headers, parsed)
         body, changed = _client_body(parsed)
         original = orjson.dumps(body) if changed else raw
+        if not self._sampled(request):
+            return await self._relay(request, original, headers, [skipped("not_sampled")])
         target = upstream_target(request)
         if template:
             flags = _template_flags(request.query)
@@ -268,6 +293,8 @@ class SearchPipeline:
         plan = plan_search(list(request.query.items()), body, self.cfg.rerank, overrides, engine)
         if isinstance(plan, Passthrough):
             return await self._relay(request, original, headers, [skipped(plan.reason)])
+        if self.cfg.rerank.mode == "shadow":
+            return await self._shadow(request, original, headers, [plan], multi=False)
         answer = await self._ask(
             request.method, without_params(target, plan.dropped_params), headers, orjson.dumps(plan.body)
         )
@@ -298,6 +325,10 @@ class SearchPipeline:
         bodies = [body for body, _ in stripped]
         original = write_pairs((p.header_line, b) for p, b in zip(pairs, bodies, strict=True))
         original = original if any(changed for _, changed in stripped) else raw
+        if not self._sampled(request):
+            return await self._relay(
+                request, original, headers, [skipped("not_sampled")] * len(pairs), multi=True
+            )
         target = upstream_target(request)
         if template:
             rendered = await asyncio.gather(*(self._render(headers, body) for body in bodies))
@@ -312,6 +343,8 @@ class SearchPipeline:
             Item(plan_search([], body, self.cfg.rerank, over, engine), body)
             for body, over in zip(bodies, overrides, strict=True)
         ]
+        if self.cfg.rerank.mode == "shadow" and any(isinstance(item.plan, RerankPlan) for item in items):
+            return await self._shadow(request, original, headers, [item.plan for item in items], multi=True)
         if not any(isinstance(item.plan, RerankPlan) for item in items):
             reasons = [skipped(item.plan.reason) for item in items if isinstance(item.plan, Passthrough)]
             return await self._relay(request, original, headers, reasons, multi=True)
@@ -397,9 +430,12 @@ class SearchPipeline:
         else:
             try:
                 found = await self._score(plan.query, [texts[i] for i in present])
-                scores = [None] * len(texts)
+                model: list[float | None] = [None] * len(texts)
                 for i, score in zip(present, found, strict=True):
-                    scores[i] = score
+                    model[i] = score
+                head = data["hits"]["hits"][: len(texts)]
+                es = [h.get("_score") if isinstance(h.get("_score"), (int, float)) else None for h in head]
+                scores = fuse(es, model, plan.fusion)
                 outcome = Outcome("reranked")
             except RerankFailed as exc:
                 log.warning("reranking skipped (%s): %s", exc.reason, exc)
@@ -453,7 +489,7 @@ class SearchPipeline:
         self, request: web.Request, answer: Answer, data: Any, extra: dict[str, str], status: int = 200
     ) -> web.Response:
         out = forwardable(answer.response.headers, drop=("Content-Encoding",))
-        out.update(extra)
+        out.update(_with_variant(request, extra))
         body = es_json.dumps(data, pretty=wants_pretty(request.query))
         if answer.compressed:
             body = gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
@@ -471,7 +507,7 @@ class SearchPipeline:
         if isinstance(data, dict) and filter_path is not None:
             return self._respond(request, answer, apply_filter_path(data, filter_path), extra, answer.status)
         out = forwardable(answer.response.headers)
-        out.update(extra)
+        out.update(_with_variant(request, extra))
         return web.Response(status=answer.status, body=answer.response.body, headers=out)
 
     async def _relay(
@@ -485,8 +521,71 @@ class SearchPipeline:
         """The client's request as it is (``_rerank`` aside), Elasticsearch's answer streamed back."""
         for outcome in outcomes:
             self._count(outcome)
-        extra = multi_headers(outcomes) if multi else outcomes[0].headers()
+        extra = _with_variant(request, multi_headers(outcomes) if multi else outcomes[0].headers())
         return await relay(self.upstream, request, body or None, headers, extra)
+
+    # -- shadow mode ---------------------------------------------------------------------------------
+
+    async def _shadow(
+        self,
+        request: web.Request,
+        original: bytes,
+        headers: CIMultiDict[str],
+        plans: list[RerankPlan | Passthrough],
+        multi: bool,
+    ) -> web.StreamResponse:
+        """Elasticsearch's own answer to the client's own request, at once and unchanged; the model's
+        order of the same hits is compared with it afterwards, in the background, through the same
+        queue (a full queue drops the comparison, never the search)."""
+        outcomes = [self._count(skipped("shadow" if isinstance(p, RerankPlan) else p.reason)) for p in plans]
+        extra = _with_variant(request, multi_headers(outcomes) if multi else outcomes[0].headers())
+        tee = Tee(SHADOW_MAX_BYTES)
+        response = await relay(self.upstream, request, original or None, headers, extra, tee=tee)
+        if tee.complete and tee.status == 200:
+            task = asyncio.create_task(self._compare(plans, tee, multi))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return response
+
+    async def _compare(self, plans: list[RerankPlan | Passthrough], tee: Tee, multi: bool) -> None:
+        body = bytes(tee.body)
+        try:
+            data = orjson.loads(gzip.decompress(body) if tee.encoding == "gzip" else body)
+        except (orjson.JSONDecodeError, OSError, EOFError):
+            data = None
+        answers = data.get("responses") if multi and isinstance(data, dict) else [data]
+        if not isinstance(answers, list) or len(answers) != len(plans):
+            self.stats.shadow.unscorable += sum(isinstance(p, RerankPlan) for p in plans)
+            return
+        await asyncio.gather(
+            *(
+                self._compare_one(p, a)
+                for p, a in zip(plans, answers, strict=True)
+                if isinstance(p, RerankPlan)
+            )
+        )
+
+    async def _compare_one(self, plan: RerankPlan, answer: Any) -> None:
+        hits = answer.get("hits", {}).get("hits") if isinstance(answer, dict) else None
+        readable = [h for h in hits or [] if isinstance(h, dict) and passage_text(h, plan.fields)][
+            : plan.top_k
+        ]
+        if not readable:
+            self.stats.shadow.unscorable += 1
+            return
+        try:
+            scores = await self._score(plan.query, [passage_text(h, plan.fields) for h in readable])
+        except RerankFailed as exc:
+            log.info("shadow comparison dropped (%s): %s", exc.reason, exc)
+            self.stats.shadow.dropped += 1
+            return
+        self.stats.shadow.record(order_diff(scores))
+        if plan.relevant is not None:
+            ids = [str(h.get("_id")) for h in readable]
+            try:
+                self.stats.relevance.record(plan.relevant, ids, [ids[i] for i in model_order(scores)])
+            except ValueError as exc:
+                log.info("relevance not tracked for this search: %s", exc)
 
     async def _score(self, query: str, texts: list[str]) -> list[float]:
         """Scores for the passages; any failure becomes :class:`RerankFailed` so the search survives."""
@@ -521,6 +620,11 @@ class SearchPipeline:
             log.info("relevance not tracked for this search: %s", exc)
             return
         log.debug("judged search: %s", figures)
+
+
+def _with_variant(request: web.Request, extra: dict[str, str]) -> dict[str, str]:
+    variant = request.get(_VARIANT)
+    return {**extra, VARIANT_HEADER: variant} if isinstance(variant, str) else extra
 
 
 def _template_flags(params: Any) -> dict[str, bool] | None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 from .config import RerankConfig
 from .errors import BadRequest
+from .fusion import Fusion
 from .query_text import extract_query_text, lucene_to_text, text_at_path
 from .source_filter import (
     SOURCE_PARAMS,
@@ -57,6 +58,7 @@ class Overrides:
     top_k: int | None = None
     enabled: bool | None = None
     relevant: dict[str, int] | None = None  # judged doc ids -> grade, for online relevance tracking
+    fusion: dict[str, Any] | None = None  # fusion options given with the request (mode, k, weight)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class RerankPlan:
     source: SourcePatch | None
     relevant: dict[str, int] | None = None
     filter_path: str | None = None  # the client's, applied by the proxy to the final answer
+    fusion: Fusion = field(default_factory=Fusion)  # how the model's and ES's orders combine
 
 
 def search_endpoint(method: str, path: str) -> str | None:
@@ -140,11 +143,11 @@ def parse_overrides(headers: Mapping[str, str], body: dict[str, Any] | None) -> 
     if raw is not None:
         if not isinstance(raw, dict):
             raise BadRequest(f"[{OVERRIDE_KEY}] must be an object")
-        unknown = set(raw) - {"query", "field", "top_k", "enabled", "relevant"}
+        unknown = set(raw) - {"query", "field", "top_k", "enabled", "relevant", "fusion"}
         if unknown:
             raise BadRequest(
                 f"[{OVERRIDE_KEY}] unknown option [{sorted(unknown)[0]}]; "
-                "expected query, field, top_k, enabled or relevant"
+                "expected query, field, top_k, enabled, relevant or fusion"
             )
         if "query" in raw:
             if not isinstance(raw["query"], str):
@@ -157,11 +160,37 @@ def parse_overrides(headers: Mapping[str, str], body: dict[str, Any] | None) -> 
         if "enabled" in raw:
             enabled = _bool(raw["enabled"], f"{OVERRIDE_KEY}.enabled")
         relevant = _relevant(raw["relevant"]) if "relevant" in raw else None
+        fusion = _fusion_option(raw["fusion"]) if "fusion" in raw else None
     else:
-        relevant = None
+        relevant, fusion = None, None
     if query is not None and not query.strip():
         raise BadRequest("the rerank query override must not be empty")
-    return Overrides(query, fields, top_k, enabled, relevant)
+    return Overrides(query, fields, top_k, enabled, relevant, fusion)
+
+
+def _fusion_option(value: Any) -> dict[str, Any]:
+    """``"rrf"``, or ``{"mode": "linear", "weight": 0.3}`` (keys of ``rerank.fusion*``)."""
+    name = f"{OVERRIDE_KEY}.fusion"
+    spec = {"mode": value} if isinstance(value, str) else value
+    if not isinstance(spec, dict) or not set(spec) <= {"mode", "k", "weight"}:
+        raise BadRequest(f"[{name}] must be none, rrf, linear or an object of mode, k and weight")
+    if "k" in spec:
+        spec["k"] = _int(spec["k"], f"{name}.k", 1)
+    if "weight" in spec and (
+        isinstance(spec["weight"], bool) or not isinstance(spec["weight"], (int, float))
+    ):
+        raise BadRequest(f"[{name}.weight] must be a number between 0 and 1")
+    try:
+        Fusion(**{"mode": "none", **spec})
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"[{name}] {exc}") from None
+    return dict(spec)
+
+
+def fusion_of(cfg: RerankConfig, given: dict[str, Any] | None) -> Fusion:
+    """The server's fusion settings, with what the request gave in place of them."""
+    base = {"mode": cfg.fusion, "k": cfg.fusion_k, "weight": cfg.fusion_weight}
+    return Fusion(**{**base, **(given or {})})
 
 
 def _relevant(value: Any) -> dict[str, int]:
@@ -262,4 +291,5 @@ def plan_search(
         patch,
         overrides.relevant,
         q.get("filter_path"),
+        fusion_of(cfg, overrides.fusion),
     )

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .relevance import mrr_at_k, ndcg_at_k
+from .shadow import OrderDiff
 
 K = 10
 
@@ -48,10 +49,33 @@ class RelevanceTracker:
 
 
 @dataclass
+class ShadowTracker:
+    """Shadow mode's running figures: searches compared, and what the model would have changed."""
+
+    compared: int = 0
+    dropped: int = 0  # the model's queue was full or the scoring failed: the search was not compared
+    unscorable: int = 0  # no hit carried passage text (or the answer could not be read)
+    sums: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("overlap@10", "kendall_tau", "es_top_hit_rank"), 0.0)
+    )
+
+    def record(self, diff: OrderDiff) -> None:
+        self.compared += 1
+        self.sums["overlap@10"] += diff.overlap_at_10
+        self.sums["kendall_tau"] += diff.kendall_tau
+        self.sums["es_top_hit_rank"] += diff.es_top_hit_rank
+
+    def snapshot(self) -> dict[str, Any]:
+        means = {f"mean_{k}": (v / self.compared if self.compared else None) for k, v in self.sums.items()}
+        return {"compared": self.compared, "dropped": self.dropped, "unscorable": self.unscorable, **means}
+
+
+@dataclass
 class ProxyStats:
     reranked: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     relevance: RelevanceTracker = field(default_factory=RelevanceTracker)
+    shadow: ShadowTracker = field(default_factory=ShadowTracker)
 
     def outcome(self, status: str, reason: str | None) -> None:
         if status == "reranked":
@@ -63,6 +87,7 @@ class ProxyStats:
         out: dict[str, Any] = {
             "searches": {"reranked": self.reranked, "skipped": dict(self.skipped)},
             "relevance": self.relevance.snapshot(),
+            "shadow": self.shadow.snapshot(),
         }
         if queue is not None:
             stats = asdict(queue)
