@@ -66,7 +66,7 @@ REASON_HEADER = "X-Rerank-Reason"  # why it was skipped
 TOOK_HEADER = "X-Rerank-Took-Ms"  # scoring time
 ITEMS_HEADER = "X-Rerank-Items"  # multi-search: one outcome per sub-search, in order
 VARIANT_HEADER = "X-Rerank-Variant"  # with rerank.sample_rate < 1: "rerank" or "control"
-_VARIANT = "rerank_variant"  # the request's variant, kept on the request for every answer it gets
+_VARIANT = web.RequestKey("rerank_variant", str)  # the request's A/B variant, for every answer it gets
 SHADOW_MAX_BYTES = 16 * 1024 * 1024  # larger answers are relayed but not compared
 _JSON_TYPES = ("application/json", "application/vnd.elasticsearch+json", "application/x-ndjson")
 _NDJSON_TYPES = ("application/x-ndjson", "application/vnd.elasticsearch+x-ndjson", "application/json")
@@ -624,7 +624,7 @@ class SearchPipeline:
 
 def _with_variant(request: web.Request, extra: dict[str, str]) -> dict[str, str]:
     variant = request.get(_VARIANT)
-    return {**extra, VARIANT_HEADER: variant} if isinstance(variant, str) else extra
+    return {**extra, VARIANT_HEADER: variant} if variant is not None else extra
 
 
 def _template_flags(params: Any) -> dict[str, bool] | None:

@@ -10,6 +10,7 @@ import pytest
 
 from proxy.config import RerankConfig
 from proxy.errors import BadRequest
+from proxy.fusion import Fusion
 from proxy.search_plan import (
     MSEARCH,
     MSEARCH_TEMPLATE,
@@ -312,3 +313,25 @@ def test_filter_path_is_applied_by_the_proxy() -> None:
     p = rerank(MATCH, {"filter_path": "hits.hits._id,-took"})
     assert p.filter_path == "hits.hits._id,-took"
     assert "filter_path" in p.dropped_params
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("rrf", Fusion("rrf", 60, 0.5)),
+        ({"mode": "linear", "weight": 0.3}, Fusion("linear", 60, 0.3)),
+        ({"k": 10}, Fusion("none", 10, 0.5)),
+    ],
+)
+def test_fusion_per_request_over_the_servers(option: Any, expected: Fusion) -> None:
+    overrides = parse_overrides({}, {"_rerank": {"fusion": option}})
+    assert rerank(MATCH, overrides=overrides).fusion == expected
+    assert rerank(MATCH).fusion == Fusion()  # the server's: rerank.fusion, none by default
+
+
+@pytest.mark.parametrize(
+    "option", ["max", {"mode": "rrf", "k": 0}, {"weight": 2}, {"weight": "x"}, {"w": 1}, 3]
+)
+def test_bad_fusion_option(option: Any) -> None:
+    with pytest.raises(BadRequest, match=r"_rerank\.fusion"):
+        parse_overrides({}, {"_rerank": {"fusion": option}})
