@@ -17,9 +17,10 @@ from multidict import CIMultiDict
 
 from .config import Config
 from .errors import ProxyError, es_error_body
+from .outcome import REASON_HEADER, STATUS_HEADER, TOOK_HEADER
 from .relay import read_body, relay_streamed
 from .scorer import Scorer, load_scorer
-from .search import REASON_HEADER, STATUS_HEADER, TOOK_HEADER, SearchPipeline
+from .search import SearchPipeline
 from .search_plan import search_endpoint
 from .stats import ProxyStats
 from .upstream import Upstream

@@ -24,7 +24,6 @@ import asyncio
 import gzip
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +39,12 @@ from .errors import ProxyError, RerankFailed
 from .filter_path import apply_filter_path
 from .fusion import fuse
 from .ndjson import parse_pairs, write_pairs
+from .outcome import (
+    VARIANT_HEADER,
+    Outcome,
+    multi_headers,
+    skipped,
+)
 from .relay import Tee, relay, request_headers, upstream_target, without_params
 from .scorer import Scorer
 from .search_plan import (
@@ -53,75 +58,20 @@ from .search_plan import (
     parse_overrides,
     plan_search,
 )
-from .search_response import apply_order, candidates, passage_text, reranked_ids
-from .shadow import in_sample, model_order, order_diff
+from .search_response import apply_order, candidates, reranked_ids
+from .shadow import ShadowComparisons, in_sample
 from .source_semantics import Engine
 from .stats import ProxyStats
+from .templates import TEMPLATE_FLAGS, json_headers, render, template_flags, without_template
 from .upstream import Upstream, UpstreamResponse, forwardable
 
 log = logging.getLogger("proxy")
 
-STATUS_HEADER = "X-Rerank-Status"  # "reranked" or "skipped"; for a multi-search, reranked if any was
-REASON_HEADER = "X-Rerank-Reason"  # why it was skipped
-TOOK_HEADER = "X-Rerank-Took-Ms"  # scoring time
-ITEMS_HEADER = "X-Rerank-Items"  # multi-search: one outcome per sub-search, in order
-VARIANT_HEADER = "X-Rerank-Variant"  # with rerank.sample_rate < 1: "rerank" or "control"
 _VARIANT = web.RequestKey("rerank_variant", str)  # the request's A/B variant, for every answer it gets
 SHADOW_MAX_BYTES = 16 * 1024 * 1024  # larger answers are relayed but not compared
 _JSON_TYPES = ("application/json", "application/vnd.elasticsearch+json", "application/x-ndjson")
 _NDJSON_TYPES = ("application/x-ndjson", "application/vnd.elasticsearch+x-ndjson", "application/json")
-_COMPAT = re.compile(r"compatible-with=(\d+)")
-_TEMPLATE_KEYS = frozenset({"id", "source", "params", "explain", "profile"})
-# URL parameters of _search/template that act on the search request itself and mean the same on the
-# rewritten _search. Others (size, sort, _source...) are parsed by the template API and then replaced
-# by the rendered body, whereas _search would apply them: such a request goes up as sent.
-_TEMPLATE_PARAMS = frozenset(
-    {
-        "allow_no_indices", "allow_partial_search_results", "batched_reduce_size", "ccs_minimize_roundtrips",
-        "expand_wildcards", "ignore_throttled", "ignore_unavailable", "max_concurrent_shard_requests",
-        "pre_filter_shard_size", "preference", "request_cache", "rest_total_hits_as_int", "routing",
-        "search_type", "typed_keys", "pretty", "human", "error_trace", "filter_path",
-    }
-)  # fmt: skip
-_TEMPLATE_FLAGS = ("explain", "profile")  # URL flags of the template API that belong in the body
 GZIP_LEVEL = 3  # Elasticsearch's http.compression_level default
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one search: ``reranked``, or ``skipped`` with a reason."""
-
-    status: str
-    reason: str | None = None
-    took_ms: float | None = None
-
-    def headers(self) -> dict[str, str]:
-        out = {STATUS_HEADER: self.status}
-        if self.reason is not None:
-            out[REASON_HEADER] = self.reason
-        if self.took_ms is not None:
-            out[TOOK_HEADER] = f"{self.took_ms:.1f}"
-        return out
-
-    def item(self) -> str:
-        """This outcome as one entry of :data:`ITEMS_HEADER`: ``reranked`` or ``skipped:<reason>``."""
-        return self.status if self.reason is None else f"{self.status}:{self.reason}"
-
-
-def skipped(reason: str) -> Outcome:
-    return Outcome("skipped", reason)
-
-
-def multi_headers(outcomes: list[Outcome], took_ms: float | None = None) -> dict[str, str]:
-    """A multi-search's outcome headers: headers cannot be per item, so one list says each."""
-    reranked = any(o.status == "reranked" for o in outcomes)
-    out = {
-        STATUS_HEADER: "reranked" if reranked else "skipped",
-        ITEMS_HEADER: ",".join(o.item() for o in outcomes),
-    }
-    if took_ms is not None:
-        out[TOOK_HEADER] = f"{took_ms:.1f}"
-    return out
 
 
 def wants_pretty(params: Any) -> bool:
@@ -174,29 +124,14 @@ def _client_body(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     return {k: v for k, v in body.items() if k != OVERRIDE_KEY}, True
 
 
-def _json_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
-    """Headers for a JSON request the proxy makes itself (template rendering) on the client's behalf."""
-    out = forwardable(headers, drop=("Accept-Encoding", "Content-Type"))
-    version = _COMPAT.search(headers.get("Accept", ""))
-    out["Content-Type"] = (
-        f"application/vnd.elasticsearch+json; compatible-with={version[1]}" if version else "application/json"
-    )
-    return out
-
-
 def _search_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
     """Headers for a widened search: the client's own. ``Content-Type`` is never repaired (a pair
     Elasticsearch refuses is refused for the rewrite too, and then the original goes up); a search
     sent without a body (``q=``) gets the media type its ``Accept`` names."""
     out = forwardable(headers)
     if "Content-Type" not in out:
-        out["Content-Type"] = _json_headers(headers)["Content-Type"]
+        out["Content-Type"] = json_headers(headers)["Content-Type"]
     return out
-
-
-def _without_template(target: str) -> str:
-    path, sep, query = target.partition("?")
-    return path.rstrip("/").removesuffix("/template") + sep + query
 
 
 class SearchPipeline:
@@ -209,6 +144,7 @@ class SearchPipeline:
         self.stats = stats
         self.engine: Engine | None = None  # learnt from the first answer, see _engine
         self._background: set[asyncio.Task[None]] = set()  # shadow comparisons under way
+        self.comparisons = ShadowComparisons(self._score, stats)
 
     async def aclose(self) -> None:
         """Stop shadow comparisons still under way (before the scorer closes under them)."""
@@ -280,14 +216,14 @@ class SearchPipeline:
             return await self._relay(request, original, headers, [skipped("not_sampled")])
         target = upstream_target(request)
         if template:
-            flags = _template_flags(request.query)
+            flags = template_flags(request.query)
             if flags is None:
                 return await self._relay(request, original, headers, [skipped("template_parameters")])
-            rendered = await self._render(headers, body)
+            rendered = await render(self.upstream, headers, body)
             if rendered is None:  # no template engine, a missing template...: Elasticsearch's answer
                 return await self._relay(request, original, headers, [skipped("template_not_rendered")])
             body = {**rendered, **flags}
-            target = without_params(_without_template(target), frozenset(_TEMPLATE_FLAGS))
+            target = without_params(without_template(target), frozenset(TEMPLATE_FLAGS))
 
         engine = await self._engine(headers)
         plan = plan_search(list(request.query.items()), body, self.cfg.rerank, overrides, engine)
@@ -331,12 +267,12 @@ class SearchPipeline:
             )
         target = upstream_target(request)
         if template:
-            rendered = await asyncio.gather(*(self._render(headers, body) for body in bodies))
+            rendered = await asyncio.gather(*(render(self.upstream, headers, body) for body in bodies))
             if any(r is None for r in rendered):
                 return await self._relay(
                     request, original, headers, [skipped("template_not_rendered")] * len(pairs), multi=True
                 )
-            bodies, target = [r for r in rendered if r is not None], _without_template(target)
+            bodies, target = [r for r in rendered if r is not None], without_template(target)
 
         engine = await self._engine(headers)
         items = [
@@ -464,27 +400,6 @@ class SearchPipeline:
                 pass
         return Answer(resp, None, compressed=False)
 
-    async def _render(self, headers: CIMultiDict[str], template: dict[str, Any]) -> dict[str, Any] | None:
-        """The search body a template renders to, rendered by Elasticsearch (``_render/template``), or
-        None when it cannot be (no template engine, a missing template, an option ``_search/template``
-        would refuse): the client's request then goes up unchanged."""
-        if not set(template) <= _TEMPLATE_KEYS or not {"id", "source"} & set(template):
-            return None
-        spec = {k: template[k] for k in ("id", "source", "params") if k in template}
-        resp = await self.upstream.request(
-            "POST", "/_render/template", _json_headers(headers), orjson.dumps(spec)
-        )
-        try:
-            rendered = orjson.loads(resp.body).get("template_output") if resp.status == 200 else None
-        except (orjson.JSONDecodeError, AttributeError):
-            rendered = None
-        if not isinstance(rendered, dict):
-            return None
-        for key in ("explain", "profile"):
-            if key in template:
-                rendered[key] = template[key]
-        return rendered
-
     def _respond(
         self, request: web.Request, answer: Answer, data: Any, extra: dict[str, str], status: int = 200
     ) -> web.Response:
@@ -542,50 +457,10 @@ class SearchPipeline:
         tee = Tee(SHADOW_MAX_BYTES)
         response = await relay(self.upstream, request, original or None, headers, extra, tee=tee)
         if tee.complete and tee.status == 200:
-            task = asyncio.create_task(self._compare(plans, tee, multi))
+            task = asyncio.create_task(self.comparisons.compare(plans, tee, multi))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return response
-
-    async def _compare(self, plans: list[RerankPlan | Passthrough], tee: Tee, multi: bool) -> None:
-        body = bytes(tee.body)
-        try:
-            data = orjson.loads(gzip.decompress(body) if tee.encoding == "gzip" else body)
-        except (orjson.JSONDecodeError, OSError, EOFError):
-            data = None
-        answers = data.get("responses") if multi and isinstance(data, dict) else [data]
-        if not isinstance(answers, list) or len(answers) != len(plans):
-            self.stats.shadow.unscorable += sum(isinstance(p, RerankPlan) for p in plans)
-            return
-        await asyncio.gather(
-            *(
-                self._compare_one(p, a)
-                for p, a in zip(plans, answers, strict=True)
-                if isinstance(p, RerankPlan)
-            )
-        )
-
-    async def _compare_one(self, plan: RerankPlan, answer: Any) -> None:
-        hits = answer.get("hits", {}).get("hits") if isinstance(answer, dict) else None
-        readable = [h for h in hits or [] if isinstance(h, dict) and passage_text(h, plan.fields)][
-            : plan.top_k
-        ]
-        if not readable:
-            self.stats.shadow.unscorable += 1
-            return
-        try:
-            scores = await self._score(plan.query, [passage_text(h, plan.fields) for h in readable])
-        except RerankFailed as exc:
-            log.info("shadow comparison dropped (%s): %s", exc.reason, exc)
-            self.stats.shadow.dropped += 1
-            return
-        self.stats.shadow.record(order_diff(scores))
-        if plan.relevant is not None:
-            ids = [str(h.get("_id")) for h in readable]
-            try:
-                self.stats.relevance.record(plan.relevant, ids, [ids[i] for i in model_order(scores)])
-            except ValueError as exc:
-                log.info("relevance not tracked for this search: %s", exc)
 
     async def _score(self, query: str, texts: list[str]) -> list[float]:
         """Scores for the passages; any failure becomes :class:`RerankFailed` so the search survives."""
@@ -625,20 +500,6 @@ class SearchPipeline:
 def _with_variant(request: web.Request, extra: dict[str, str]) -> dict[str, str]:
     variant = request.get(_VARIANT)
     return {**extra, VARIANT_HEADER: variant} if variant is not None else extra
-
-
-def _template_flags(params: Any) -> dict[str, bool] | None:
-    """``explain``/``profile`` from a template request's URL, for the rendered body; None when the URL
-    has a parameter the rewritten ``_search`` would read differently, or a flag that is not a boolean."""
-    if not set(params) <= _TEMPLATE_PARAMS | set(_TEMPLATE_FLAGS):
-        return None
-    flags: dict[str, bool] = {}
-    for name in _TEMPLATE_FLAGS:
-        if name in params:
-            if params[name] not in ("", "true", "false"):
-                return None
-            flags[name] = params[name] != "false"
-    return flags
 
 
 def _item_refused(response: Any) -> bool:

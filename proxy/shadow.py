@@ -1,17 +1,35 @@
 """Shadow mode and the A/B split: trying a model on live traffic without serving it to everyone.
 
-Pure functions. In shadow mode the client gets Elasticsearch's own answer and the model's order of the
+In shadow mode the client gets Elasticsearch's own answer and the model's order of the
 same hits is only compared with it: how many of Elasticsearch's top 10 the model keeps in its top 10,
 Kendall's tau between the two orders, and where Elasticsearch's top hit lands in the model's order.
-The A/B split picks, per search or sticky per key, whether a search is reranked at all.
+The A/B split picks, per search or sticky per key, whether a search is reranked at all. The
+comparison functions and the draw are pure; :class:`ShadowComparisons` runs a comparison once the
+client has its answer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import hashlib
+import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .errors import RerankFailed
+from .search_plan import Passthrough, RerankPlan
+from .search_response import passage_text
+
+if TYPE_CHECKING:
+    from .relay import Tee
+    from .stats import ProxyStats
+
+log = logging.getLogger("proxy")
 
 K = 10
 
@@ -58,3 +76,53 @@ def in_sample(key: str | None, rate: float) -> bool:
         return random.random() < rate
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < rate
+
+
+class ShadowComparisons:
+    """Scores the hits Elasticsearch returned, through the same scorer and queue as served searches
+    (``score`` raises :class:`RerankFailed` when the queue is full or the model fails: the comparison
+    is dropped), and records how the model's order differs."""
+
+    def __init__(self, score: Callable[[str, list[str]], Awaitable[list[float]]], stats: ProxyStats) -> None:
+        self._score = score
+        self._stats = stats
+
+    async def compare(self, plans: list[RerankPlan | Passthrough], tee: Tee, multi: bool) -> None:
+        body = bytes(tee.body)
+        try:
+            data = orjson.loads(gzip.decompress(body) if tee.encoding == "gzip" else body)
+        except (orjson.JSONDecodeError, OSError, EOFError):
+            data = None
+        answers = data.get("responses") if multi and isinstance(data, dict) else [data]
+        if not isinstance(answers, list) or len(answers) != len(plans):
+            self._stats.shadow.unscorable += sum(isinstance(p, RerankPlan) for p in plans)
+            return
+        await asyncio.gather(
+            *(
+                self._compare_one(p, a)
+                for p, a in zip(plans, answers, strict=True)
+                if isinstance(p, RerankPlan)
+            )
+        )
+
+    async def _compare_one(self, plan: RerankPlan, answer: Any) -> None:
+        hits = answer.get("hits", {}).get("hits") if isinstance(answer, dict) else None
+        readable = [h for h in hits or [] if isinstance(h, dict) and passage_text(h, plan.fields)][
+            : plan.top_k
+        ]
+        if not readable:
+            self._stats.shadow.unscorable += 1
+            return
+        try:
+            scores = await self._score(plan.query, [passage_text(h, plan.fields) for h in readable])
+        except RerankFailed as exc:
+            log.info("shadow comparison dropped (%s): %s", exc.reason, exc)
+            self._stats.shadow.dropped += 1
+            return
+        self._stats.shadow.record(order_diff(scores))
+        if plan.relevant is not None:
+            ids = [str(h.get("_id")) for h in readable]
+            try:
+                self._stats.relevance.record(plan.relevant, ids, [ids[i] for i in model_order(scores)])
+            except ValueError as exc:
+                log.info("relevance not tracked for this search: %s", exc)
