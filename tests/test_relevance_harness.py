@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks import datasets, relevance
 from benchmarks.common import minilm_source
 from proxy.config import RerankConfig
+from proxy.fusion import Fusion
 from proxy.scorer import load_scorer
 
 from .conftest import ROOT
@@ -126,3 +128,84 @@ def test_max_windows_reaches_both_the_in_process_scorer_and_the_proxy() -> None:
     flags = relevance.proxy_flags(spec)
     assert flags[flags.index("--rerank-max-windows") + 1] == "3"
     assert flags[flags.index("--rerank-scorer") + 1] == "cross-encoder"
+
+
+def test_fusion_settings_parse_and_key_their_rows() -> None:
+    assert relevance.parse_fusion("none") == Fusion()
+    assert relevance.parse_fusion("rrf") == Fusion("rrf", k=60)
+    assert relevance.parse_fusion("rrf:10") == Fusion("rrf", k=10)
+    assert relevance.parse_fusion("linear:0.3") == Fusion("linear", weight=0.3)
+    for bad in ("rrf:0", "linear:1.5", "linear:x", "none:1", "sum"):
+        with pytest.raises(ValueError, match="--fusion"):
+            relevance.parse_fusion(bad)
+    assert [relevance.fusion_key(relevance.parse_fusion(a)) for a in relevance.FUSION_SWEEP] == list(
+        relevance.FUSION_SWEEP
+    )
+    assert relevance.row_key("minilm-bi", Fusion()) == "minilm-bi"  # the rows of runs before fusion
+    assert relevance.row_key("minilm-bi", Fusion("linear", weight=0.7)) == "minilm-bi+linear:0.7"
+    assert relevance.fusion_request(Fusion("linear", weight=0.3)) == {"mode": "linear", "weight": 0.3}
+    assert relevance.fusion_request(Fusion("rrf", k=20)) == {"mode": "rrf", "k": 20}
+
+
+class _LengthScorer:
+    """Scores a passage by its length: an order unlike BM25's, known without a model."""
+
+    async def score(self, query: str, texts: list[str]) -> list[float]:
+        return [float(len(t)) for t in texts]
+
+
+@needs_dl19
+async def test_fixed_candidates_fuse_the_runs_bm25_with_the_model_in_process() -> None:
+    col = datasets.trec_dl19(DATA)
+    fusions = [Fusion("linear", weight=0.0), Fusion("linear", weight=1.0), Fusion("rrf", k=60)]
+    result = await relevance.fixed_candidates(_LengthScorer(), col, 3, 2, fusions)  # type: ignore[arg-type]
+    fused = result["fused"]
+    assert set(fused) == {"linear:0", "linear:1", "rrf:60"}
+    # Weight 0 is Elasticsearch's (here the run's) order, weight 1 the model's own.
+    bm25 = relevance.bm25_fixed(col, 3)
+    for name in METRICS:
+        assert fused["linear:0"][name] == pytest.approx(bm25[name])
+        assert fused["linear:1"][name] == pytest.approx(result[name])
+    assert fused["rrf:60"]["recall@100"] == pytest.approx(bm25["recall@100"])
+
+
+def test_the_fusion_table_checks_the_goal_on_every_column() -> None:
+    def figures(ndcg: float) -> dict[str, float]:
+        return {"queries": 1, "ndcg@10": ndcg, "mrr@10": ndcg}
+
+    def column(bm25: float, **rows: float) -> dict[str, Any]:
+        return {
+            "bm25": {**figures(bm25), "total_queries": 1},
+            "models": {k: figures(v) for k, v in rows.items()},
+        }
+
+    model = {"name": "m", "label": "M", "not_measured": None}
+    result = {
+        "setup": {"date": "today", "machine": "here", "command": "c", "models": [model]},
+        "fixed_candidates": {
+            "bm25": {**figures(0.50), "recall@100": 0.5},
+            "total_queries": 1,
+            "models": {"m": figures(0.64), "m+rrf:60": figures(0.60), "m+linear:0.7": figures(0.63)},
+        },
+        "end_to_end": {
+            "es_version": "8",
+            "collections": {
+                "trec-dl19": column(0.40, **{"m": 0.65, "m+rrf:60": 0.62, "m+linear:0.7": 0.64}),
+                "xquad-de-de": column(0.92, **{"m": 0.74, "m+rrf:60": 0.93, "m+linear:0.7": 0.91}),
+            },
+        },
+    }
+    result["setup"]["fusions"] = ["none", "rrf:60", "linear:0.7"]
+    summary = relevance.fusion_summary(result)
+    assert summary["m"]["meets_goal"] is False and summary["m"]["worst"] == "xquad-de-de"
+    # rrf: above BM25 everywhere, but keeps 10/14 of the fixed gain.
+    assert summary["m+rrf:60"]["dl19_gain_kept"]["dl19-fixed"] == pytest.approx(10 / 14)
+    assert summary["m+rrf:60"]["meets_goal"] is False
+    # linear 0.7: 13/14 and 24/25 of the gains, but German falls below BM25.
+    assert summary["m+linear:0.7"]["worst_delta"] == pytest.approx(-0.01)
+    assert summary["m+linear:0.7"]["meets_goal"] is False
+    result["end_to_end"]["collections"]["xquad-de-de"]["models"]["m+linear:0.7"] = figures(0.92)
+    assert relevance.fusion_summary(result)["m+linear:0.7"]["meets_goal"] is True
+    table = relevance.render_markdown(result)
+    assert "| M, linear, model weight 0.7 | 63.00 (+13.00) | 64.00 (+24.00) | 92.00 (+0.00) |" in table
+    assert "| 93 % / 96 % | **yes** |" in table
