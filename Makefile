@@ -1,11 +1,14 @@
 # Named for what they do; every target works on a fresh clone.
-.PHONY: install run test lint bench-throughput bench-relevance bench-overhead es-start es-stop clean
+.PHONY: install run demo test lint bench-throughput bench-relevance bench-overhead es-start es-stop clean
 
 install:            ## create .venv and install the proxy with its test tools
 	bash scripts/install.sh
 
 run:                ## install, start a local Elasticsearch if none is configured, run the proxy
 	bash scripts/run.sh $(ARGS)
+
+demo: install       ## one question asked of Elasticsearch and of the proxy, side by side (starts what it needs)
+	.venv/bin/python scripts/demo.py $(ARGS)
 
 test: install       ## the whole test suite (starts real Elasticsearch 8/9 and OpenSearch 2/3; one alone: PYTEST_ARGS="-m os3")
 	.venv/bin/python -m pytest -rs $(PYTEST_ARGS)

@@ -18,7 +18,17 @@ from typing import Any
 
 import yaml
 
-from .config import ALIASES, ENV_PREFIX, SECTIONS, Config, ConfigError, load_config, mask_url, option_keys
+from .config import (
+    ALIASES,
+    ENV_PREFIX,
+    SECTIONS,
+    Config,
+    ConfigError,
+    explicit_keys,
+    load_config,
+    mask_url,
+    option_keys,
+)
 
 
 def _flag(key: str) -> str:
@@ -74,19 +84,23 @@ def render_config(cfg: Config) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def parse(argv: Sequence[str] | None, env: dict[str, str]) -> tuple[Config, argparse.Namespace]:
+def parse(
+    argv: Sequence[str] | None, env: dict[str, str]
+) -> tuple[Config, argparse.Namespace, frozenset[str]]:
+    """The configuration, the parsed flags, and which option keys a source set explicitly."""
     args = build_parser().parse_args(argv)
     overrides = {key: getattr(args, key) for key, _ in option_keys() if getattr(args, key) is not None}
     for alias, key in ALIASES.items():
         value = getattr(args, f"alias_{alias}")
         if value is not None:
             overrides.setdefault(key, value)
-    return load_config(args.config, env, overrides), args
+    return load_config(args.config, env, overrides), args, explicit_keys(args.config, env, overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        cfg, args = parse(argv, dict(os.environ))
+        env = dict(os.environ)
+        cfg, args, explicit = parse(argv, env)
     except ConfigError as exc:
         print(f"rerank-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -98,9 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(cfg.server.log_level)
     from .app import create_app
+    from .first_run import offline_fallback
     from .scorer import ModelLoadError
 
     log = logging.getLogger("proxy")
+    fallback = offline_fallback(cfg, explicit, env)
+    if fallback is not None:
+        cfg, line = fallback
+        log.warning("%s", line)
     log.info(
         "rerank-proxy on http://%s:%d -> %s (model %s)",
         cfg.server.host,

@@ -399,6 +399,22 @@ def _from_env(env: Mapping[str, str]) -> dict[str, str]:
     return flat
 
 
+def explicit_keys(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> frozenset[str]:
+    """The option keys a source sets (the YAML file, an environment variable, a flag), as opposed to
+    those left at their defaults: a default the operator did not choose may be replaced at start-up."""
+    env = env or {}
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = env[ENV_PREFIX + "CONFIG"]
+    keys = set(overrides or {}) | set(_from_env(env))
+    if path is not None:
+        keys |= set(_from_yaml(Path(path)))
+    return frozenset(keys)
+
+
 def load_config(
     path: str | Path | None = None,
     env: Mapping[str, str] | None = None,
