@@ -8,7 +8,11 @@ One run, one machine, ratios (this machine is noisy; absolute figures move, rati
 - the same reranked search with ``Accept-Encoding: gzip`` (Elasticsearch compresses, so the proxy
   decompresses, reranks and compresses again);
 - an ``_msearch`` of 5 reranked searches (their pairs share the model's batches) vs the same
-  ``_msearch`` straight to Elasticsearch.
+  ``_msearch`` straight to Elasticsearch;
+- shadow mode: a second proxy process started with ``--rerank-mode shadow`` answers the same search
+  with Elasticsearch's own answer and scores its hits in the background; interleaved with the search
+  straight to Elasticsearch, the serving proxy's pass-through (``X-Rerank-Enabled: false``) and the
+  shadow proxy's own pass-through, so what shadow mode adds over a pass-through is read in one run.
 
 The corpus and queries are NovelEval's (../shared/data/noveleval). The proxy runs as a separate
 ``rerank-proxy`` process, as in production. Without --model, a tiny random cross-encoder is built
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,7 @@ CASES = (
     "search_reranked_gzip",
     "msearch_5_reranked",
 )
+SHADOW_CASE = "search_shadow"
 
 
 def load_noveleval() -> tuple[list[tuple[str, str]], list[str]]:
@@ -90,7 +97,53 @@ async def compare(
     return out
 
 
-async def run(es: str, proxy: str, n: int, docs: list[tuple[str, str]], queries: list[str]) -> dict[str, Any]:
+async def compare_shadow(
+    session: aiohttp.ClientSession, es: str, serve: str, shadow: str, n: int, request: Any
+) -> dict[str, Any]:
+    """The same search four ways per round, interleaved: straight to Elasticsearch, the serving
+    proxy's pass-through, the shadow proxy's pass-through, and the shadow proxy in shadow mode; what
+    the shadow search adds over each, at p50. Then the shadow proxy's own count of the comparisons
+    it made (the background work really ran)."""
+    off = {"X-Rerank-Enabled": "false"}
+    times: dict[str, list[float]] = {"direct": [], "serve_off": [], "shadow_off": [], "shadow": []}
+    statuses: set[str] = set()
+    for i in range(n):
+        method, path, kw = request(i)
+        headers = kw.get("headers", {})
+        times["direct"].append((await timed(session, method, es + path, **kw))[0])
+        ms, _ = await timed(session, method, serve + path, **{**kw, "headers": {**headers, **off}})
+        times["serve_off"].append(ms)
+        ms, _ = await timed(session, method, shadow + path, **{**kw, "headers": {**headers, **off}})
+        times["shadow_off"].append(ms)
+        ms, got = await timed(session, method, shadow + path, **kw)
+        times["shadow"].append(ms)
+        statuses.add(f"{got.get('X-Rerank-Status')}/{got.get('X-Rerank-Reason')}")
+    await asyncio.sleep(1.0)  # let the last comparisons finish before reading the stats
+    async with session.get(f"{shadow}/_rerank/stats") as resp:
+        stats = await resp.json()
+    p50 = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        **{f"{k}_p50_ms": v for k, v in p50.items()},
+        **{f"{k}_p95_ms": pct(v, 0.95) for k, v in times.items()},
+        "shadow_added_p50_ms_vs_direct": p50["shadow"] - p50["direct"],
+        "shadow_added_p50_ms_vs_pass_through": p50["shadow"] - p50["serve_off"],
+        "shadow_added_p50_ms_vs_own_pass_through": p50["shadow"] - p50["shadow_off"],
+        "pass_through_added_p50_ms_vs_direct": p50["serve_off"] - p50["direct"],
+        "shadow_statuses": sorted(statuses),
+        "shadow_stats": stats.get("shadow"),
+    }
+
+
+async def run(
+    es: str,
+    proxy: str,
+    n: int,
+    docs: list[tuple[str, str]],
+    queries: list[str],
+    shadow: str | None = None,
+    cases: Sequence[str] = (*CASES, SHADOW_CASE),
+) -> dict[str, Any]:
+    """The chosen cases, in :data:`CASES` order with shadow mode first (it needs ``shadow``)."""
     async with aiohttp.ClientSession() as session:
         await session.delete(f"{es}/{INDEX}")
         await session.put(f"{es}/{INDEX}", json={"settings": {"number_of_replicas": 0}})
@@ -127,17 +180,21 @@ async def run(es: str, proxy: str, n: int, docs: list[tuple[str, str]], queries:
         plain = {"Accept-Encoding": "identity"}  # aiohttp asks for gzip unless told otherwise
         await compare(session, es, proxy, 10, search(plain))  # warm-up: model, pools, ES caches
         reranked = max(20, n // 5)
-        return {
-            "pass_through_get": await compare(session, es, proxy, n, get),
-            "search_rerank_off": await compare(
-                session, es, proxy, n, search({**plain, "X-Rerank-Enabled": "false"})
-            ),
-            "search_reranked": await compare(session, es, proxy, reranked, search(plain)),
-            "search_reranked_gzip": await compare(
-                session, es, proxy, reranked, search({"Accept-Encoding": "gzip"})
-            ),
-            "msearch_5_reranked": await compare(session, es, proxy, max(10, reranked // 4), msearch),
+        out: dict[str, Any] = {}
+        if SHADOW_CASE in cases and shadow is not None:
+            await compare_shadow(session, es, proxy, shadow, 10, search(plain))  # warm-up
+            out[SHADOW_CASE] = await compare_shadow(session, es, proxy, shadow, n, search(plain))
+        runs: dict[str, tuple[int, Any]] = {
+            "pass_through_get": (n, get),
+            "search_rerank_off": (n, search({**plain, "X-Rerank-Enabled": "false"})),
+            "search_reranked": (reranked, search(plain)),
+            "search_reranked_gzip": (reranked, search({"Accept-Encoding": "gzip"})),
+            "msearch_5_reranked": (max(10, reranked // 4), msearch),
         }
+        for case, (count, request) in runs.items():
+            if case in cases:
+                out[case] = await compare(session, es, proxy, count, request)
+        return out
 
 
 def main() -> None:
@@ -149,6 +206,13 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=100)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.json"))
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        choices=(*CASES, SHADOW_CASE),
+        default=[*CASES, SHADOW_CASE],
+        help="(default: all)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     docs, queries = load_noveleval()
@@ -156,30 +220,48 @@ def main() -> None:
     with elasticsearch(args.es_url) as es_url, tempfile.TemporaryDirectory() as tmp:
         model, _, _ = model_folder(args.model or "tiny", Path(tmp), [t for _, t in docs])
         flags = ["--rerank-top-k", str(args.top_k), "--rerank-timeout-ms", "60000"]
-        with proxy_process(es_url, model, *flags) as (proxy_url, _proc):
-            result = asyncio.run(run(es_url, proxy_url, args.requests, docs, queries))
+        with contextlib.ExitStack() as stack:
+            proxy_url, _ = stack.enter_context(proxy_process(es_url, model, *flags))
+            shadow_url = None
+            if SHADOW_CASE in args.cases:
+                shadow_flags = (*flags, "--rerank-mode", "shadow")
+                shadow_url, _ = stack.enter_context(proxy_process(es_url, model, *shadow_flags))
+            result = asyncio.run(run(es_url, proxy_url, args.requests, docs, queries, shadow_url, args.cases))
     result["setup"] = {
         "model": args.model or "tiny random BERT (2 layers, hidden 32), built locally",
         "top_k": args.top_k,
         "requests": args.requests,
         "corpus": "NovelEval (420 passages, 21 queries)",
         "machine": machine(),
+        "load_average_after": os.getloadavg(),
+        "cases": args.cases,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'case':<20}{'direct p50':>12}{'proxy p50':>12}{'ratio':>8}{'added ms':>10}{'scoring':>10}")
-    for case in CASES:
+    for case in (c for c in CASES if c in result):
         r = result[case]
         print(
             f"{case:<20}{r['direct_p50_ms']:>12.2f}{r['proxy_p50_ms']:>12.2f}{r['p50_ratio']:>8.2f}"
             f"{r['added_p50_ms']:>10.2f}{r.get('scoring_p50_ms', float('nan')):>10.2f}"
         )
-    gzip_cost = result["search_reranked_gzip"]["added_p50_ms_excluding_scoring"]
-    plain_cost = result["search_reranked"]["added_p50_ms_excluding_scoring"]
-    print(
-        f"compression costs the proxy {gzip_cost - plain_cost:.2f} ms a reranked search "
-        "(p50, scoring excluded)"
-    )
+    if "search_reranked_gzip" in result and "search_reranked" in result:
+        gzip_cost = result["search_reranked_gzip"]["added_p50_ms_excluding_scoring"]
+        plain_cost = result["search_reranked"]["added_p50_ms_excluding_scoring"]
+        print(
+            f"compression costs the proxy {gzip_cost - plain_cost:.2f} ms a reranked search "
+            "(p50, scoring excluded)"
+        )
+    r = result.get(SHADOW_CASE)
+    if r:
+        added = r["shadow_added_p50_ms_vs_pass_through"]
+        own = r["shadow_added_p50_ms_vs_own_pass_through"]
+        print(
+            f"shadow mode: p50 direct {r['direct_p50_ms']:.2f} ms, pass-through {r['serve_off_p50_ms']:.2f}"
+            f" ms, shadow {r['shadow_p50_ms']:.2f} ms: adds {added:.2f} ms over pass-through ({own:.2f} ms"
+            f" over its own), {r['shadow_added_p50_ms_vs_direct']:.2f} ms over direct;"
+            f" shadow stats {r['shadow_stats']}"
+        )
     print(f"written to {args.out}")
 
 

@@ -47,3 +47,65 @@ def test_throughput_benchmark_runs_end_to_end(es_url: str, tmp_path: Path) -> No
         assert set(level["direct"]["statuses"]) == {"direct"}
     assert e2e["pairs_per_search"] == 100 and e2e["proxy_peak_rss_mib"] > 50
     assert "cpu_engine_vs_naive_on_mix >= 2" in result["targets"]
+
+
+NOVELEVAL = ROOT.parent / "shared" / "data" / "noveleval"
+
+
+@pytest.mark.skipif(
+    not (DATA.is_dir() and NOVELEVAL.is_dir()), reason="../shared/data is not beside the clone"
+)
+def test_relevance_benchmark_measures_every_fusion_setting_both_ways(
+    es_url: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The fusion sweep, fixed candidates and through the proxy (per-request settings), on 3 queries;
+    every proxied search reranked, every row and the fusion table written."""
+    cmd = [sys.executable, "benchmarks/relevance.py", "--model", str(tiny_model), "--fusion", "sweep"]
+    cmd += ["--collections", "noveleval", "--max-queries", "3", "--es-url", es_url]
+    run = subprocess.run(
+        [*cmd, "--index-prefix", "test-fusion-", "--out-dir", str(tmp_path), "--tag", "smoke"],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "relevance-smoke.json").read_text())
+    name = str(tiny_model)
+    rows = [name] + [f"{name}+{k}" for k in ("rrf:60", "linear:0.3", "linear:0.5", "linear:0.7")]
+    assert result["setup"]["fusions"] == ["none", "rrf:60", "linear:0.3", "linear:0.5", "linear:0.7"]
+    assert set(result["fixed_candidates"]["models"]) == set(rows)
+    proxied = result["end_to_end"]["collections"]["noveleval"]["models"]
+    assert set(proxied) == set(rows)
+    for row in rows:
+        assert proxied[row]["statuses"] == {"reranked": 3}, (row, proxied[row]["statuses"])
+        assert 0.0 <= proxied[row]["ndcg@10"] <= 1.0
+    assert set(result["fusion_summary"]) == set(rows)
+    table = (tmp_path / "relevance-smoke.md").read_text()
+    assert "| nDCG@10 ×100 (Δ vs BM25) |" in table and "rrf k=60" in table
+    assert (tmp_path / "relevance-smoke.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not NOVELEVAL.is_dir(), reason="../shared/data/noveleval is not beside the clone")
+def test_overhead_benchmark_measures_shadow_mode(es_url: str, tmp_path: Path) -> None:
+    """A few requests per case, the shadow proxy included: its answers say shadow, and its stats show
+    the comparisons made in the background."""
+    out = tmp_path / "overhead.json"
+    cmd = [sys.executable, "benchmarks/overhead.py", "--es-url", es_url, "--requests", "5"]
+    run = subprocess.run(
+        [*cmd, "--cases", "search_rerank_off", "search_shadow", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    shadow = result["search_shadow"]
+    assert shadow["shadow_statuses"] == ["skipped/shadow"]
+    assert shadow["shadow_stats"]["compared"] >= 5 and shadow["shadow_stats"]["dropped"] == 0
+    for key in ("direct_p50_ms", "serve_off_p50_ms", "shadow_off_p50_ms", "shadow_p50_ms"):
+        assert shadow[key] > 0
+    assert set(result) == {"search_rerank_off", "search_shadow", "setup"}
