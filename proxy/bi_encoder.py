@@ -183,7 +183,8 @@ class BiEncoderModel(TransformerModel):
             out.append(float((embs @ query).max()))
         return out
 
-    def warm_up(self, max_batch_pairs: int) -> None:
+    def warm_up(self, largest: int) -> None:
+        """One batch of ``largest`` texts of ``max_length`` tokens, the biggest the budget allows."""
         long_text = " ".join(["relevance"] * self.max_length)
-        items, _ = self.encode("warm up query", [long_text] * min(max_batch_pairs, 8))
+        items, _ = self.encode("warm up query", [long_text] * max(1, largest - 1))
         self.run_batch(items)

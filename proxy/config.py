@@ -133,10 +133,13 @@ class RerankConfig:
     device: str = _opt("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
     dtype: str = _opt(
         "auto",
-        "Weights' precision: auto (bfloat16 or float16 on cuda, float32 on cpu), float32, float16, bfloat16.",
+        "Weights' precision: auto (bfloat16 on cuda compute capability >= 8.0, else float16; "
+        "float32 on cpu), float32, float16, bfloat16.",
     )
     compile: bool = _opt(False, "torch.compile the model at start-up (slower start, faster GPU batches).")
-    threads: int = _opt(0, "CPU threads for the model; 0 means one per core this process may use.")
+    threads: int = _opt(
+        0, "CPU threads for the model; 0 means one per core this process may use (affinity and cgroup quota)."
+    )
     warmup: bool = _opt(True, "Run a few batches at start-up so the first search is not slow.")
     max_batch_tokens: int = _opt(
         0,
@@ -154,7 +157,11 @@ class RerankConfig:
         "LRU entries, 0 for none: scores keyed by model, query and passage hash (cross-encoder), "
         "passage embeddings keyed by passage hash (bi-encoder).",
     )
-    timeout_ms: int = _opt(5000, "Milliseconds reranking may take; past it the original order is returned.")
+    timeout_ms: int = _opt(
+        5000,
+        "Milliseconds reranking may take; past it the original order is returned. The model's queue "
+        "serves searches by this deadline and answers at once one that cannot make it.",
+    )
     fusion: str = _opt(
         "none",
         "How the served order combines the model's with Elasticsearch's: none (the model's), rrf "

@@ -88,9 +88,10 @@ class CrossEncoderModel(TransformerModel):
             values = logits[:, 1] - logits[:, 0] if self._two_logits else logits[:, 0]
             return [float(v) for v in values.tolist()]
 
-    def warm_up(self, max_batch_pairs: int) -> None:
-        """A few forward passes of the sizes traffic will have, so the first search is not the one
-        that pays for CUDA context creation, kernel selection or ``torch.compile``."""
+    def warm_up(self, largest: int) -> None:
+        """A forward pass of one short pair and one of ``largest`` pairs of ``max_length`` tokens (the
+        biggest batch the budget allows), so the first search does not pay for CUDA context creation,
+        kernel selection or ``torch.compile``, and a device too small for the budget fails at start."""
         long_text = " ".join(["relevance"] * self.max_length)
-        for n, text in ((1, "warm up"), (min(max_batch_pairs, 8), long_text)):
+        for n, text in ((1, "warm up"), (largest, long_text)):
             self.run_batch(self.encode("warm up query", [text] * n)[0])

@@ -8,9 +8,11 @@ in one place. Everything here is blocking and runs at start-up or on the model t
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ def pick_device(requested: str) -> str:
             return "cuda"
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return "mps"
+        log.info("rerank.device auto: using cpu because %s", why_no_cuda())
         return "cpu"
     if requested.startswith("cuda"):
         if torch.version.cuda is None and torch.version.hip is None:
@@ -59,24 +62,63 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def pick_dtype(requested: str, device: str, bf16_supported: bool) -> str:
-    """``auto``: bfloat16 on a GPU that has it (same range as float32, so no overflow in long
-    sequences), else float16 on GPUs; float32 on CPU, where half precision is slower, not faster."""
+def why_no_cuda() -> str:
+    """Why torch offers no CUDA device, in words for the start-up log."""
+    import torch
+
+    if torch.version.cuda is None and torch.version.hip is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support"
+    return "torch sees no CUDA device (no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them)"
+
+
+def cuda_capability(device: str) -> tuple[int, int] | None:
+    """The compute capability of a cuda device, ``None`` for any other device."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(int(device.partition(":")[2] or 0))
+    return int(major), int(minor)
+
+
+def pick_dtype(requested: str, device: str, capability: tuple[int, int] | None) -> str:
+    """``auto``: bfloat16 on a GPU with native bf16 arithmetic, compute capability 8.0 or more
+    (Ampere, Hopper: same range as float32, so no overflow in long sequences); float16 on older
+    cards (T4, V100), which only emulate bf16 although ``torch.cuda.is_bf16_supported()`` says
+    True there; float32 on CPU, where half precision is slower, not faster."""
     if requested != "auto":
         if requested != "float32" and device == "cpu":
             log.warning("rerank.dtype %s on cpu is usually slower than float32", requested)
         return requested
     if device.startswith("cuda"):
-        return "bfloat16" if bf16_supported else "float16"
+        return "bfloat16" if capability is not None and capability >= (8, 0) else "float16"
     return "float32"
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cgroup_cpu_limit(path: Path) -> int | None:
+    """CPUs the container's quota allows (cgroup v2 ``cpu.max``: ``quota period`` in microseconds,
+    rounded up), ``None`` without a quota or a readable file."""
     try:
-        return len(os.sched_getaffinity(0))
+        quota, _, period = path.read_text().strip().partition(" ")
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period or "100000")))
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores(cpu_max: Path | None = None) -> int:
+    """Cores this process may use: its CPU affinity (which taskset and cpusets narrow), and no more
+    than its container's CPU quota (a pod limited to 2 CPUs on a 64-core node sees 64 in affinity)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit(cpu_max or CGROUP_CPU_MAX)
+    return min(cores, quota) if quota is not None else cores
 
 
 def set_cpu_threads(requested: int) -> int:
@@ -87,6 +129,22 @@ def set_cpu_threads(requested: int) -> int:
     threads = requested or usable_cores()
     torch.set_num_threads(threads)
     return threads
+
+
+def out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """What a forward pass raises when the device runs out of memory: the batch is worth retrying
+    in halves."""
+    import torch
+
+    return (torch.cuda.OutOfMemoryError,)
+
+
+def empty_device_cache(device: str) -> None:
+    """Give the caching allocator's free blocks back after an out-of-memory, before retrying."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def load_weights(loader: Any, model: str, dtype: str) -> Any:
@@ -223,10 +281,15 @@ class TransformerModel:
         self.max_windows = max_windows
         self.window_overlap = window_overlap
         self.device = pick_device(device)
-        bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        self.dtype = pick_dtype(dtype, self.device, bf16)
+        capability = cuda_capability(self.device)
+        self.dtype = pick_dtype(dtype, self.device, capability)
+        where = self.device
+        if capability is not None:
+            card = torch.cuda.get_device_name(self.device)
+            where += f" ({card}, compute capability {capability[0]}.{capability[1]})"
         if self.device == "cpu":
-            set_cpu_threads(threads)
+            where += f" ({set_cpu_threads(threads)} threads)"
+        log.info("model %s runs on %s in %s", self.name, where, self.dtype)
         from .model_checks import check_compiler, check_local_folder, check_max_length, check_tokenizer
 
         check_local_folder(model)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from .batching import BatchLimits, BatchQueue
+from .batching import BatchLimits, BatchQueue, batch_size_for
 from .config import RerankConfig
-from .runtime import ModelLoadError
+from .runtime import ModelLoadError, empty_device_cache, out_of_memory_errors
 from .score_cache import ScoreCache
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Model(Protocol):
 
     def reduce(self, results: Sequence[Any], plan: Any, n_passages: int) -> list[float]: ...
 
-    def warm_up(self, max_batch_pairs: int) -> None: ...
+    def warm_up(self, largest: int) -> None: ...
 
 
 def auto_batch_tokens(device: str, max_length: int) -> int:
@@ -74,14 +75,27 @@ def limits_of(cfg: RerankConfig, device: str = "cpu") -> BatchLimits:
 
 
 class EngineScorer:
-    """A :class:`Model` behind one batching queue, with an optional score cache in front."""
+    """A :class:`Model` behind one batching queue, with an optional score cache in front.
 
-    def __init__(self, model: Model, limits: BatchLimits, cache_entries: int = 0) -> None:
+    ``timeout_ms``: each search's deadline, counted from the call to :meth:`score` (the HTTP side
+    starts its own ``rerank.timeout_ms`` clock at the same moment); ``None``, no deadline. The queue
+    serves searches in deadline order and answers at once one that cannot be scored in time.
+    """
+
+    def __init__(
+        self, model: Model, limits: BatchLimits, cache_entries: int = 0, timeout_ms: float | None = None
+    ) -> None:
         self.model = model
         self.name = model.name
+        self.timeout_s = None if timeout_ms is None else timeout_ms / 1000
         self.cache = ScoreCache(cache_entries) if cache_entries > 0 else None
         self.queue: BatchQueue[Any, Any] = BatchQueue(
-            model.run_batch, model.item_length, limits, name="rerank-model"
+            model.run_batch,
+            model.item_length,
+            limits,
+            name="rerank-model",
+            split_on=out_of_memory_errors(),
+            after_split=lambda: empty_device_cache(model.device),
         )
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-tokenize")
 
@@ -95,17 +109,39 @@ class EngineScorer:
         )
         todo = [i for i, s in enumerate(cached) if s is None]
         if todo:
-            self.queue.admit(len(todo))  # at least one item per passage: refuse before tokenizing
+            deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+            # At least one item per passage: refuse before tokenizing, and reserve the estimated work.
+            ticket = self.queue.admit(len(todo), deadline)
             texts = [passages[i] for i in todo]
             loop = asyncio.get_running_loop()
-            items, plan = await loop.run_in_executor(self._tokenizer_pool, self.model.encode, query, texts)
-            results = await self.queue.submit(items)
+            try:
+                items, plan = await loop.run_in_executor(
+                    self._tokenizer_pool, self.model.encode, query, texts
+                )
+                results = await self.queue.submit(items, deadline, ticket)
+            finally:
+                self.queue.release(ticket)
             fresh = self.model.reduce(results, plan, len(texts))
             for i, value in zip(todo, fresh, strict=True):
                 cached[i] = value
             if self.cache is not None:
                 self.cache.store(self.name, query, texts, fresh)
         return [float(s) for s in cached]  # type: ignore[arg-type]
+
+    async def calibrate(self, max_length: int, largest: int) -> None:
+        """The queue's first cost figures, so admission by estimated wait works from the first
+        search: the largest batch the budget allows (``largest`` pairs of ``max_length`` tokens) and
+        a one-pair batch, through the queue. The first pass on the queue's fresh model thread pays for
+        torch's thread start-up, so it runs twice and the first figures are forgotten."""
+        loop = asyncio.get_running_loop()
+        long_text = " ".join(["relevance"] * max_length)
+        for first, (text, n) in enumerate(((long_text, largest), (long_text, largest), ("warm up", 1))):
+            items, _ = await loop.run_in_executor(
+                self._tokenizer_pool, self.model.encode, "warm up query", [text] * n
+            )
+            await self.queue.submit(items)
+            if first == 0:
+                self.queue.cost.forget()
 
     async def aclose(self) -> None:
         await self.queue.aclose()
@@ -133,10 +169,16 @@ def build_model(cfg: RerankConfig) -> Model:
         model = CrossEncoderModel(cfg.model, **common)
     if cfg.warmup:
         try:
-            model.warm_up(cfg.max_batch_pairs)
+            model.warm_up(largest_batch(cfg, model.device))
         except Exception as exc:
             raise warm_up_error(cfg, exc) from exc
     return model
+
+
+def largest_batch(cfg: RerankConfig, device: str) -> int:
+    """Pairs of ``max_length`` tokens in one forward pass at the configured budget: warm-up runs it,
+    so a card too small for the budget fails at start, not at the first busy moment."""
+    return batch_size_for(cfg.max_length, limits_of(cfg, device))
 
 
 def warm_up_error(cfg: RerankConfig, exc: Exception) -> ModelLoadError:
@@ -157,4 +199,7 @@ async def load_scorer(cfg: RerankConfig) -> EngineScorer:
     # A bi-encoder caches passage embeddings itself, which serves every query; a score cache on top
     # would only hold copies.
     scores_cached = cfg.cache_entries if model.kind == "cross-encoder" else 0
-    return EngineScorer(model, limits_of(cfg, model.device), scores_cached)
+    scorer = EngineScorer(model, limits_of(cfg, model.device), scores_cached, cfg.timeout_ms)
+    if cfg.warmup:  # the queue's cost figures, so admission by estimated wait works from the start
+        await scorer.calibrate(cfg.max_length, largest_batch(cfg, model.device))
+    return scorer

@@ -33,7 +33,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import es_json
-from .batching import QueueFull
+from .batching import Shed
 from .config import Config
 from .errors import ProxyError, RerankFailed
 from .filter_path import apply_filter_path
@@ -473,8 +473,8 @@ class SearchPipeline:
             scores = await asyncio.wait_for(self.scorer.score(query, texts), timeout_ms / 1000)
         except TimeoutError as exc:
             raise RerankFailed("rerank_timeout", f"scoring took over {timeout_ms} ms") from exc
-        except QueueFull as exc:
-            raise RerankFailed("overloaded", str(exc)) from exc
+        except Shed as exc:  # answered without scoring: overloaded, queue_wait or deadline
+            raise RerankFailed(exc.reason, str(exc)) from exc
         except Exception as exc:  # the model is third-party code: any failure falls back to ES order
             raise RerankFailed("rerank_error", f"{type(exc).__name__}: {exc}") from exc
         if len(scores) != len(texts):

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from proxy.app import create_app
-from proxy.batching import BatchLimits
+from proxy.batching import BatchLimits, DeadlineMissed, WaitTooLong
 from proxy.config import Config, RerankConfig, ServerConfig, UpstreamConfig
 from proxy.scorer import EngineScorer
 
@@ -225,6 +225,8 @@ async def test_bad_override_is_an_es_shaped_400(make_proxy: Factory) -> None:
     [
         (FakeScorer(fail=RuntimeError("CUDA out of memory")), "rerank_error"),
         (FakeScorer(delay=2.0), "rerank_timeout"),
+        (FakeScorer(fail=WaitTooLong("queued work due first")), "queue_wait"),
+        (FakeScorer(fail=DeadlineMissed("would finish late")), "deadline"),
     ],
 )
 async def test_reranker_failure_returns_es_order(

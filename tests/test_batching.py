@@ -10,7 +10,15 @@ from collections.abc import Sequence
 
 import pytest
 
-from proxy.batching import BatchLimits, BatchQueue, QueueClosed, QueueFull, batch_size_for
+from proxy.batching import (
+    BatchLimits,
+    BatchQueue,
+    DeadlineMissed,
+    QueueClosed,
+    QueueFull,
+    WaitTooLong,
+    batch_size_for,
+)
 
 
 class Forward:
@@ -198,3 +206,164 @@ async def test_close_fails_what_is_still_queued() -> None:
             await fut
     with pytest.raises(QueueClosed):
         await q.submit(items("c", [1]))
+
+
+# --- deadlines ---------------------------------------------------------------------------------------
+
+
+class Clocked(Forward):
+    """A forward pass that takes ``seconds_per_token`` per padded token, so the queue's cost model
+    learns a known rate."""
+
+    def __init__(self, seconds_per_token: float) -> None:
+        super().__init__()
+        self.rate = seconds_per_token
+
+    def __call__(self, batch: list[tuple[str, int, int]]) -> Sequence[str]:
+        time.sleep(self.rate * len(batch) * max(n for _, _, n in batch))
+        return super().__call__(batch)
+
+
+async def test_searches_are_served_in_deadline_order_each_finishing_after_its_own_work() -> None:
+    forward = Forward()
+    forward.gate.clear()
+    q = queue(forward, limits(tokens=1000, pairs=4))
+    blocker = asyncio.ensure_future(q.submit(items("first", [10])))
+    await asyncio.to_thread(forward.entered.wait, 5)
+    now = time.monotonic()
+    # Submitted latest-deadline first: the queue must still serve c (due first), then a, then b.
+    order = [("b", 30.0), ("a", 20.0), ("c", 10.0)]
+    done: list[str] = []
+
+    async def one(name: str, due: float) -> None:
+        await q.submit(items(name, [10, 30, 20, 10, 40, 10]), deadline=now + due)
+        done.append(name)
+
+    tasks = [asyncio.ensure_future(one(name, due)) for name, due in order]
+    await asyncio.sleep(0.01)
+    forward.gate.set()
+    await asyncio.gather(blocker, *tasks)
+    assert done == ["c", "a", "b"]
+    jobs_per_batch = [[job for job, _, _ in b] for b in forward.batches[1:]]
+    # c's six items run in the first two batches (4, then 2 topped up by a's longest two); a's
+    # left-overs come before any of b's.
+    assert jobs_per_batch[:2] == [["c"] * 4, ["c", "c", "a", "a"]]
+    last_c = max(k for k, b in enumerate(jobs_per_batch) if "c" in b)
+    first_b = min(k for k, b in enumerate(jobs_per_batch) if "b" in b)
+    last_a = max(k for k, b in enumerate(jobs_per_batch) if "a" in b)
+    assert last_c < first_b and last_a <= first_b
+    assert forward.batches[1][0][2] == 40, "the head job's items run longest first"
+    await q.aclose()
+
+
+async def test_batches_are_cut_longest_first_from_the_head_within_the_budget() -> None:
+    forward = Forward()
+    forward.gate.clear()
+    q = queue(forward, limits(tokens=120, pairs=8))
+    blocker = asyncio.ensure_future(q.submit(items("first", [10])))
+    await asyncio.to_thread(forward.entered.wait, 5)
+    now = time.monotonic()
+    head = asyncio.ensure_future(q.submit(items("head", [40, 5]), deadline=now + 10))
+    tail = asyncio.ensure_future(q.submit(items("tail", [100, 30, 20, 10]), deadline=now + 20))
+    await asyncio.sleep(0.01)
+    forward.gate.set()
+    await asyncio.gather(blocker, head, tail)
+    # head's two items and, within 120 padded tokens at width 40, tail's 30 (3 x 40 = 120).
+    assert forward.batches[1] == [("head", 0, 40), ("head", 1, 5), ("tail", 1, 30)]
+    for batch in forward.batches:
+        assert len(batch) * max(n for _, _, n in batch) <= 120 or len(batch) == 1
+    await q.aclose()
+
+
+async def test_a_search_that_cannot_finish_in_time_is_dropped_before_it_runs() -> None:
+    forward = Clocked(seconds_per_token=0.001)  # a 100-token item costs 0.1 s
+    q = queue(forward, limits(tokens=100, pairs=1))
+    await q.submit(items("learn", [100]))  # the cost model's first figure
+    assert q.cost.per_item == pytest.approx(0.1, rel=0.5)
+    forward.gate.clear()
+    forward.entered.clear()
+    now = time.monotonic()
+    a = asyncio.ensure_future(q.submit(items("a", [100] * 3), deadline=now + 10))
+    await asyncio.to_thread(forward.entered.wait, 5)
+    # Admitted with time to spare (0.3 s of work, 0.5 s left), then the model stalls.
+    b = asyncio.ensure_future(q.submit(items("b", [100] * 2), deadline=now + 0.5))
+    await asyncio.sleep(0.01)
+    assert q.stats.refused_wait_jobs == 0 and q.stats.queued == 5
+    await asyncio.sleep(0.4)  # b's 0.2 s of work no longer fits
+    forward.gate.set()
+    with pytest.raises(DeadlineMissed) as caught:
+        await b
+    assert caught.value.reason == "deadline"
+    await a
+    assert forward.ran("b") == [], "a search past its deadline spent model time"
+    assert q.stats.dropped_late_jobs == 1 and q.stats.queued == 0
+    await q.aclose()
+
+
+async def test_admission_by_estimated_wait() -> None:
+    forward = Forward()
+    q = queue(forward, limits(tokens=100, pairs=1))
+    await q.submit(items("learn", [100]))
+    q.cost.per_token, q.cost.per_item = {7: 0.01}, 1.0  # a 100-token item costs 1 s, by estimate
+    forward.gate.clear()
+    forward.entered.clear()
+    now = time.monotonic()
+    a = asyncio.ensure_future(q.submit(items("a", [100] * 4), deadline=now + 5))
+    await asyncio.to_thread(forward.entered.wait, 5)  # one item in the model, 3 s of a's queued
+    # Due after a, 3 s of its own: 6 s of work before a 5.5 s deadline. Refused at once, nothing queued.
+    started = time.monotonic()
+    with pytest.raises(WaitTooLong) as caught:
+        await q.submit(items("late", [100] * 3), deadline=now + 5.5)
+    assert caught.value.reason == "queue_wait" and time.monotonic() - started < 0.05
+    assert q.stats.refused_wait_jobs == 1 and q.stats.queued == 4
+    # Before tokenizing, from what is due first alone: a ticket reserves the search's estimated work.
+    ticket = q.admit(3, deadline=now + 20)
+    assert ticket.seconds == pytest.approx(3.0)
+    with pytest.raises(WaitTooLong):  # 3 s queued + 3 s reserved are due first
+        q.admit(1, deadline=now + 5.5)
+    q.release(ticket)
+    q.release(ticket)  # releasing twice is harmless
+    q.release(q.admit(1, deadline=now + 5.5))
+    fits = asyncio.ensure_future(q.submit(items("fits", [100]), deadline=now + 9))
+    await asyncio.sleep(0.01)
+    forward.gate.set()
+    assert await fits == ["fits:0"]
+    await a
+    assert forward.ran("late") == [] and q.stats.refused_wait_jobs == 2
+    # Without a deadline nothing is refused by wait.
+    assert await q.submit(items("none", [100])) == ["none:0"]
+    await q.aclose()
+
+
+async def test_out_of_memory_splits_the_batch_and_only_what_still_fails_falls_back() -> None:
+    import torch
+
+    class SmallCard(Forward):
+        """Runs out of memory above 2 items, and on any batch holding ``huge``'s item."""
+
+        def __call__(self, batch: list[tuple[str, int, int]]) -> Sequence[str]:
+            if len(batch) > 2 or any(job == "huge" for job, _, _ in batch):
+                self.batches.append([("OOM", len(batch), 0)])
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().__call__(batch)
+
+    forward = SmallCard()
+    emptied: list[bool] = []
+    q: BatchQueue[tuple[str, int, int], str] = BatchQueue(
+        forward,
+        lambda item: item[2],
+        limits(tokens=1000, pairs=8, wait_ms=50),
+        split_on=(torch.cuda.OutOfMemoryError,),
+        after_split=lambda: emptied.append(True),
+    )
+    a = asyncio.ensure_future(q.submit(items("a", [10] * 5)))
+    huge = asyncio.ensure_future(q.submit(items("huge", [10])))
+    b = asyncio.ensure_future(q.submit(items("b", [10] * 2)))
+    assert await a == [f"a:{i}" for i in range(5)]
+    assert await b == ["b:0", "b:1"]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        await huge
+    assert q.stats.split_batches >= 2 and emptied and q.stats.failed_batches == 1
+    assert all(len(batch) <= 2 for batch in forward.batches if batch[0][0] != "OOM")
+    assert q.stats.queued == 0
+    await q.aclose()

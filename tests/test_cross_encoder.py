@@ -120,10 +120,13 @@ def test_devices_and_precision() -> None:
         assert pick_device("auto") != "cuda"
         with pytest.raises(ModelLoadError, match=r"rerank\.device"):
             pick_device("cuda")
-    assert pick_dtype("auto", "cuda", bf16_supported=True) == "bfloat16"
-    assert pick_dtype("auto", "cuda:1", bf16_supported=False) == "float16"
-    assert pick_dtype("auto", "cpu", bf16_supported=False) == "float32"
-    assert pick_dtype("float16", "cuda", bf16_supported=True) == "float16"
+    assert pick_dtype("auto", "cuda", (9, 0)) == "bfloat16"  # H100
+    assert pick_dtype("auto", "cuda", (8, 0)) == "bfloat16"  # A100
+    assert pick_dtype("auto", "cuda:1", (7, 5)) == "float16"  # T4: bf16 only emulated
+    assert pick_dtype("auto", "cuda", (7, 0)) == "float16"  # V100
+    assert pick_dtype("auto", "cpu", None) == "float32"
+    assert pick_dtype("float16", "cuda", (9, 0)) == "float16"
+    assert pick_dtype("bfloat16", "cuda", (7, 0)) == "bfloat16"  # an explicit choice stands
 
 
 def test_torch_compile_path_gives_the_same_scores(tiny_model: Path) -> None:

@@ -8,16 +8,26 @@ limits are checked at their edge, and the warm-up backstop is exercised.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from proxy import runtime
 from proxy.config import RerankConfig
 from proxy.cross_encoder import CrossEncoderModel
 from proxy.model_checks import check_compiler, check_local_folder, length_limit
-from proxy.runtime import ModelLoadError, pick_device
+from proxy.runtime import (
+    ModelLoadError,
+    cgroup_cpu_limit,
+    cuda_capability,
+    pick_device,
+    pick_dtype,
+    set_cpu_threads,
+    usable_cores,
+)
 from proxy.scorer import build_model
 
 from .tiny_model import build_tiny_cross_encoder
@@ -228,3 +238,72 @@ def test_compile_failing_in_warm_up_names_rerank_compile(
             build_model(RerankConfig(model=str(model), device="cpu", compile=True, max_length=32))
     finally:
         torch._dynamo.reset()
+
+
+def test_auto_device_falling_back_to_cpu_says_why(torch_sees: Any, caplog: pytest.LogCaptureFixture) -> None:
+    torch_sees(cuda_built=False)
+    with caplog.at_level(logging.INFO, logger="proxy.runtime"):
+        assert pick_device("auto") == "cpu"
+    assert "using cpu because this torch build" in caplog.text and "no CUDA support" in caplog.text
+    caplog.clear()
+    torch_sees(cuda_built=True, gpus=0)
+    with caplog.at_level(logging.INFO, logger="proxy.runtime"):
+        assert pick_device("auto") == "cpu"
+    assert "torch sees no CUDA device" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype"),
+    [
+        ((9, 0), "bfloat16"),
+        ((8, 6), "bfloat16"),
+        ((8, 0), "bfloat16"),
+        ((7, 5), "float16"),
+        ((7, 0), "float16"),
+    ],
+)
+def test_auto_dtype_by_compute_capability(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], dtype: str
+) -> None:
+    """T4 (7.5) and V100 (7.0) report bf16 as supported but only emulate it: float16 there."""
+    import torch
+
+    asked: list[int] = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: asked.append(i) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert cuda_capability("cuda:1") == capability and asked == [1]
+    assert pick_dtype("auto", "cuda:1", cuda_capability("cuda:1")) == dtype
+    assert cuda_capability("cpu") is None
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "limit"),
+    [
+        ("200000 100000\n", 2),
+        ("150000 100000\n", 2),  # 1.5 CPUs: two threads, each busy three quarters of the time
+        ("50000 100000\n", 1),
+        ("max 100000\n", None),
+        ("garbage\n", None),
+        (None, None),  # no cgroup v2 file
+    ],
+)
+def test_cpu_threads_follow_the_cgroup_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_max: str | None, limit: int | None
+) -> None:
+    import os
+
+    import torch
+
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    assert cgroup_cpu_limit(path) == limit
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
+    assert usable_cores(path) == (limit or 64)
+    monkeypatch.setattr(runtime, "CGROUP_CPU_MAX", path)
+    before = torch.get_num_threads()
+    try:
+        assert set_cpu_threads(0) == (limit or 64)
+        assert set_cpu_threads(3) == 3  # rerank.threads set explicitly wins
+    finally:
+        torch.set_num_threads(before)
