@@ -27,6 +27,11 @@ bench-relevance: install    ## nDCG@10/MRR@10 on DL19, NovelEval, XQuAD, direct 
 bench-overhead: install     ## what the proxy itself adds to a request
 	.venv/bin/python benchmarks/overhead.py $(ARGS)
 
+bench-peers: install        ## engine vs CrossEncoder.predict and the infinity-emb server, same weights (benchmarks/README.md)
+	.venv/bin/python -m pip install --quiet -e ".[peers]"
+	bash scripts/infinity.sh >/dev/null
+	.venv/bin/python benchmarks/peers.py $(ARGS)
+
 es-start:           ## a local Elasticsearch on 127.0.0.1:9200
 	bash scripts/elasticsearch.sh start
 
@@ -34,4 +39,4 @@ es-stop:
 	bash scripts/elasticsearch.sh stop
 
 clean:
-	rm -rf .venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .venv-infinity build *.egg-info .pytest_cache .mypy_cache .ruff_cache
