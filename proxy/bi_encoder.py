@@ -115,7 +115,7 @@ class BiEncoderModel(TransformerModel):
         if windows:
             stride = min(self.window_overlap, self.max_length // 4)
             extra = {"return_overflowing_tokens": True, "stride": stride}
-        enc: Any = self.tokenizer(
+        enc: Any = self.local_tokenizer()(
             texts,
             truncation=True,
             max_length=self.max_length,

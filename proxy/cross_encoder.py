@@ -41,7 +41,7 @@ class CrossEncoderModel(TransformerModel):
 
     def _clip_query(self, query: str) -> tuple[str, int]:
         """The query cut to at most ``max_length // 2`` tokens, and its token count."""
-        offsets = self.tokenizer(query, add_special_tokens=False, return_offsets_mapping=True)[
+        offsets = self.local_tokenizer()(query, add_special_tokens=False, return_offsets_mapping=True)[
             "offset_mapping"
         ]
         if len(offsets) <= self._max_query_tokens:
@@ -57,11 +57,13 @@ class CrossEncoderModel(TransformerModel):
             return [], []
         query, query_tokens = self._clip_query(query)
         windows = self.max_windows > 1
+        if not windows:
+            return self._encode_pairs(query, passages), list(range(len(passages)))
         extra: dict[str, Any] = {}
         if windows:
             room = self.max_length - query_tokens - self.tokenizer.num_special_tokens_to_add(pair=True)
             extra = {"return_overflowing_tokens": True, "stride": max(0, min(self.window_overlap, room // 2))}
-        enc: Any = self.tokenizer(
+        enc: Any = self.local_tokenizer()(
             [query] * len(passages),
             list(passages),
             truncation="only_second",
@@ -71,6 +73,19 @@ class CrossEncoderModel(TransformerModel):
             **extra,
         )
         return self.items(enc, len(passages), windows)
+
+    def _encode_pairs(self, query: str, passages: Sequence[str]) -> list[Encoded]:
+        """The common case, one item per passage, straight through the Rust tokenizer: the same ids
+        as ``tokenizer(..., truncation="only_second")`` at about three quarters of the CPU time
+        (``encode_batch_fast`` computes no offsets, and no per-call settings are rebuilt)."""
+        backend = self.local_backend()
+        if backend.truncation != {**(backend.truncation or {}), "max_length": self.max_length}:
+            backend.enable_truncation(self.max_length, strategy="only_second")
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        encodings = encode([(query, p) for p in passages])
+        if self.uses_types:
+            return [Encoded(e.ids, e.type_ids) for e in encodings]
+        return [Encoded(e.ids, None) for e in encodings]
 
     def reduce(self, results: Sequence[float], owners: list[int], n_passages: int) -> list[float]:
         """One score per passage: its best window's (a single window is the common case)."""

@@ -7,9 +7,12 @@ in one place. Everything here is blocking and runs at start-up or on the model t
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -215,21 +218,21 @@ def batch_tensors(
 ) -> dict[str, Any]:
     """Right-padded ``input_ids``/``attention_mask`` (and ``token_type_ids``) on ``device``.
 
-    On cuda the host tensors are pinned so the copy is asynchronous with respect to the host.
+    Filled without a Python step per row: the rows are flattened once and scattered through the
+    padding mask (row-major order puts each row's tokens at its left). On cuda the host tensors are
+    pinned so the copy is asynchronous with respect to the host.
     """
     import torch
 
-    n, longest = len(rows), max(len(r) for r in rows)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    n, longest = len(rows), int(lengths.max())
+    mask = torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)
     ids = torch.full((n, longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, longest), dtype=torch.long)
-    types = torch.zeros((n, longest), dtype=torch.long) if type_rows is not None else None
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[r, : len(row)] = 1
-        if types is not None and type_rows is not None:
-            types[r, : len(row)] = torch.tensor(type_rows[r], dtype=torch.long)
-    out = {"input_ids": ids, "attention_mask": mask}
-    if types is not None:
+    ids[mask] = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
+    out = {"input_ids": ids, "attention_mask": mask.long()}
+    if type_rows is not None:
+        types = torch.zeros((n, longest), dtype=torch.long)
+        types[mask] = torch.tensor(list(itertools.chain.from_iterable(type_rows)), dtype=torch.long)
         out["token_type_ids"] = types
     if device.startswith("cuda"):
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
@@ -308,8 +311,30 @@ class TransformerModel:
         check_max_length(self.name, max_length, net, self.tokenizer)
         self.net = net.to(self.device).eval()
         self.forward = maybe_compile(self.net, compile)
+        self._tokenizers = threading.local()
         self.uses_types = "token_type_ids" in self.tokenizer.model_input_names
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def local_tokenizer(self) -> Any:
+        """This thread's own copy of the tokenizer. A fast tokenizer keeps its truncation and padding
+        settings in the shared Rust object and sets them on every call, so two threads encoding at
+        once through one object could truncate with each other's settings (or fail with "Already
+        borrowed"); a copy per tokenizer thread lets searches tokenize in parallel safely."""
+        local = self._tokenizers.__dict__
+        if "tokenizer" not in local:
+            local["tokenizer"] = copy.deepcopy(self.tokenizer)
+        return local["tokenizer"]
+
+    def local_backend(self) -> Any:
+        """This thread's own Rust tokenizer (the fast tokenizer's backend), without padding and
+        without truncation until a caller sets it."""
+        local = self._tokenizers.__dict__
+        if "backend" not in local:
+            backend = copy.deepcopy(self.tokenizer.backend_tokenizer)
+            backend.no_padding()
+            backend.no_truncation()
+            local["backend"] = backend
+        return local["backend"]
 
     def item_length(self, item: Encoded) -> int:
         return len(item.ids)

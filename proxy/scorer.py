@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from .batching import BatchLimits, BatchQueue, batch_size_for
 from .config import RerankConfig
-from .runtime import ModelLoadError, empty_device_cache, out_of_memory_errors
+from .runtime import ModelLoadError, empty_device_cache, out_of_memory_errors, usable_cores
 from .score_cache import ScoreCache
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,11 @@ class EngineScorer:
             split_on=out_of_memory_errors(),
             after_split=lambda: empty_device_cache(model.device),
         )
-        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-tokenize")
+        # The fast tokenizer releases the GIL while it encodes: one thread per usable core lets
+        # concurrent searches tokenize in parallel, beside the forward pass.
+        self._tokenizer_pool = ThreadPoolExecutor(
+            max_workers=usable_cores(), thread_name_prefix="rerank-tokenize"
+        )
 
     async def score(self, query: str, passages: Sequence[str]) -> list[float]:
         if not passages:
