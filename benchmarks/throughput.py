@@ -38,6 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -47,6 +48,8 @@ import aiohttp
 from benchmarks import datasets
 from benchmarks.common import (
     ROOT,
+    baseline_module,
+    baseline_proxy,
     elasticsearch,
     machine,
     model_folder,
@@ -91,7 +94,7 @@ def cut_pairs(model: CrossEncoderModel, col: datasets.Collection, limit: int, le
         text = " ".join(texts[start : start + 12])
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         end = enc["offset_mapping"][min(want, len(enc["offset_mapping"])) - 1][1]
-        out.append((queries[i % len(queries)], text[:end]))
+        out.append((queries[(i // TOP_K) % len(queries)], text[:end]))  # searches of TOP_K pairs
     return out
 
 
@@ -210,8 +213,11 @@ def scorer_section(model: CrossEncoderModel, col: datasets.Collection, quick: bo
         naive = naive_loop(model, pairs, max_length)
         engine, padding = engine_rate(model, pairs, limits)
         flops = useful_flops(model, pairs) / len(pairs)
+        work = searches(pairs)
         row = {
             "pairs": len(pairs),
+            "searches": len(work),
+            "pairs_per_search": len(pairs) / len(work),
             "max_length": max_length,
             "naive_pairs_per_s": naive,
             "engine_pairs_per_s": engine,
@@ -223,7 +229,10 @@ def scorer_section(model: CrossEncoderModel, col: datasets.Collection, quick: bo
         if peak:
             row["engine_share_of_peak_flops"] = engine * flops / peak
         out[name] = row
-        print(f"  {name:<9} naive {naive:9.1f} pairs/s  engine {engine:9.1f} pairs/s  x{engine / naive:.2f}")
+        print(
+            f"  {name:<9} naive {naive:9.1f} pairs/s  engine {engine:9.1f} pairs/s  x{engine / naive:.2f}"
+            f"  (over {len(pairs)} pairs, {len(work)} searches)"
+        )
     model.max_length = 256
     budgets = [8192, 32768, 65536, 131072] if gpu else [512, 2048, 16384]
     pairs = mixes["dl19"][0]
@@ -231,9 +240,70 @@ def scorer_section(model: CrossEncoderModel, col: datasets.Collection, quick: bo
     for budget in budgets:
         lim = BatchLimits(budget, max(8, budget // 16), max_wait_ms=2, max_queued=10**7)
         rate, _ = engine_rate(model, pairs, lim)
-        sweep.append({"max_batch_tokens": budget, "engine_pairs_per_s": rate})
-        print(f"  budget {budget:>7} tokens: {rate:9.1f} pairs/s")
+        sweep.append({"max_batch_tokens": budget, "engine_pairs_per_s": rate, "pairs": len(pairs)})
+        print(f"  budget {budget:>7} tokens: {rate:9.1f} pairs/s (over {len(pairs)} pairs)")
     out["budget_sweep_dl19"] = sweep
+    return out
+
+
+# --- the host side's ceiling --------------------------------------------------------------------------
+
+
+def noop_forward(**tensors: Any) -> Any:
+    """A forward pass that costs nothing: one zero logit per row, so only the host side is measured
+    (tokenizing, batching, tensors, reading results)."""
+    import torch
+
+    return SimpleNamespace(logits=torch.zeros((tensors["input_ids"].shape[0], 1)))
+
+
+def noop_ceiling(
+    folder: str, col: datasets.Collection, before_ref: str | None, rounds: int
+) -> dict[str, Any]:
+    """Pairs/s of the engine with the forward pass replaced by :func:`noop_forward`, on the DL19
+    searches (top-100 each, all submitted at once, ``rounds`` times over), today's engine and, with
+    ``before_ref``, the engine (model class, queue and scorer) as it was at that git ref."""
+    from proxy.runtime import usable_cores
+
+    pairs = dl19_pairs(col, 10**6)
+    work = searches(pairs) * rounds
+    n = sum(len(ps) for _, ps in work)
+    stacks: dict[str, tuple[Any, Any, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if before_ref:
+            before = baseline_proxy(before_ref, Path(tmp))
+            old = {m: baseline_module(before, m) for m in ("cross_encoder", "scorer", "config")}
+            old_limits = old["scorer"].limits_of(old["config"].RerankConfig(max_length=256), "cpu")
+            stacks["before"] = (
+                old["cross_encoder"].CrossEncoderModel,
+                old["scorer"].EngineScorer,
+                old_limits,
+            )
+        stacks["after"] = (CrossEncoderModel, EngineScorer, shipped_limits("cpu", 256))
+        cores = usable_cores()
+        out: dict[str, Any] = {"pairs": n, "searches": len(work), "cores": cores}
+        for name, (model_class, scorer_class, limits) in stacks.items():
+            model = model_class(folder, max_length=256, device="cpu")
+            model.forward = noop_forward
+
+            async def run(
+                model: Any = model, scorer_class: Any = scorer_class, limits: Any = limits
+            ) -> float:
+                scorer = scorer_class(model, replace(limits, max_queued=10**7))
+                try:
+                    await _engine(scorer, work[:8])  # tokenizer threads and queue warmed
+                    return await _engine(scorer, work)
+                finally:
+                    await scorer.aclose()
+
+            rate = asyncio.run(run())
+            out[name] = {"pairs_per_s": rate, "pairs_per_s_per_core": rate / cores}
+            print(
+                f"  no-op forward, {name}: {rate:9.1f} pairs/s, {rate / cores:8.1f} per core (over {n} pairs)"
+            )
+        if "before" in out:
+            out["after_vs_before"] = out["after"]["pairs_per_s"] / out["before"]["pairs_per_s"]
+            print(f"  after / before: x{out['after_vs_before']:.2f}")
     return out
 
 
@@ -415,6 +485,15 @@ def main() -> None:
     ap.add_argument("--es-url", help="a running Elasticsearch (default: start one with the project's script)")
     ap.add_argument("--no-end-to-end", action="store_true", help="scorer figures only (no Elasticsearch)")
     ap.add_argument("--quick", action="store_true", help="fewer pairs and searches (CPU smoke run)")
+    ap.add_argument(
+        "--noop-ceiling",
+        action="store_true",
+        help="only the host side's ceiling: the forward pass replaced by a no-op (DL19 searches)",
+    )
+    ap.add_argument("--before", help="with --noop-ceiling: a git ref whose engine to measure beside today's")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="with --noop-ceiling: passes over the DL19 searches"
+    )
     ap.add_argument("--data", type=Path, default=datasets.DEFAULT_ROOT)
     ap.add_argument(
         "--out", type=Path, help="JSON path (default: benchmarks/results/throughput-<model>-<device>.json)"
@@ -428,6 +507,20 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder, described, label = model_folder(args.model, Path(tmp), list(col.corpus.values())[:2000])
+        if args.noop_ceiling:
+            print(f"model: {described}\n{machine()}\nhost-side ceiling (pairs/s):")
+            noop = noop_ceiling(folder, col, args.before, args.rounds)
+            noop["setup"] = {
+                "model": described,
+                "machine": machine(),
+                "before": args.before,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
+            }
+            out = args.out or ROOT / "benchmarks" / "results" / f"throughput-noop-{label}-cpu.json"
+            out.write_text(json.dumps(noop, indent=2) + "\n")
+            print(f"written: {out}")
+            return
         model = CrossEncoderModel(folder, max_length=512, device=args.device)
         model.warm_up(32)
         print(f"model: {described}\ndevice: {model.device} ({model.dtype}), {machine()}")
