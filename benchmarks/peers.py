@@ -377,7 +377,7 @@ def main() -> None:
                 "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
                 "date": time.strftime("%Y-%m-%d"),
-                "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:]),
+                "command": " ".join(["python benchmarks/peers.py", *sys.argv[1:]]),
                 "uptime_before": load_before,
             },
             "contenders": {},

@@ -1,0 +1,60 @@
+"""benchmarks/peers.py runs from a fresh clone: tiny model, engine and CrossEncoder.predict, offline.
+
+infinity-emb is left out (``--no-infinity``): it needs its own 6 GB virtual environment
+(scripts/infinity.sh), which CI does not build. Figures are not asserted; what is checked is that
+every contender ran on the same weights and pairs (its ranks agree with the engine's float32 scores)
+and that the JSON and the Markdown table were written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+DATA = ROOT.parent / "shared" / "data" / "trec-dl19"
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data/trec-dl19 is not beside the clone")
+@pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None,
+    reason="sentence-transformers (the optional extra 'peers') is not installed",
+)
+def test_peers_benchmark_runs_offline(tmp_path: Path) -> None:
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, "benchmarks/peers.py", "--model", "tiny", "--pairs", "200", "--rounds", "1"]
+    run = subprocess.run(
+        [*cmd, "--no-infinity", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    contenders = result["contenders"]
+    assert set(contenders) == {
+        "engine_float32_all",
+        "engine_float32_4",
+        "engine_auto_all",
+        "engine_auto_4",
+        "predict",
+    }
+    assert all(row["pairs_per_s"] > 0 for row in contenders.values())
+    for key, row in contenders.items():
+        if key != "engine_float32_all":  # the same weights and pairs: the same order
+            assert row["spearman_vs_engine_float32"] > 0.99, (key, row)
+    assert result["setup"]["pairs"] == 200 and result["setup"]["engines"]["float32"]["dtype"] == "float32"
+    assert set(result["ratios"]) == {"engine_float32_all_vs_predict", "engine_auto_all_vs_predict"}
+    table = out.with_suffix(".md").read_text()
+    assert "CrossEncoder.predict" in table and "load average" in table
