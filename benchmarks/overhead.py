@@ -100,28 +100,41 @@ async def compare(
 async def compare_shadow(
     session: aiohttp.ClientSession, es: str, serve: str, shadow: str, n: int, request: Any
 ) -> dict[str, Any]:
-    """The same search four ways per round, interleaved: straight to Elasticsearch, the serving
-    proxy's pass-through, the shadow proxy's pass-through, and the shadow proxy in shadow mode; what
-    the shadow search adds over each, at p50. Then the shadow proxy's own count of the comparisons
-    it made (the background work really ran)."""
+    """The same search four ways per round: straight to Elasticsearch, the serving proxy's
+    pass-through, the shadow proxy's pass-through, and the shadow proxy in shadow mode, the order
+    rotated every round so no way always follows the shadow search's background work. What the
+    shadow search adds over each, at p50 and as the median of the per-round differences. Then the
+    shadow proxy's own count of the comparisons it made (the background work really ran), once they
+    are all done (or after 60 s)."""
     off = {"X-Rerank-Enabled": "false"}
-    times: dict[str, list[float]] = {"direct": [], "serve_off": [], "shadow_off": [], "shadow": []}
+    ways = ("direct", "serve_off", "shadow_off", "shadow")
+    times: dict[str, list[float]] = {way: [] for way in ways}
     statuses: set[str] = set()
+    async with session.get(f"{shadow}/_rerank/stats") as resp:
+        before = (await resp.json())["shadow"]
     for i in range(n):
         method, path, kw = request(i)
         headers = kw.get("headers", {})
-        times["direct"].append((await timed(session, method, es + path, **kw))[0])
-        ms, _ = await timed(session, method, serve + path, **{**kw, "headers": {**headers, **off}})
-        times["serve_off"].append(ms)
-        ms, _ = await timed(session, method, shadow + path, **{**kw, "headers": {**headers, **off}})
-        times["shadow_off"].append(ms)
-        ms, got = await timed(session, method, shadow + path, **kw)
-        times["shadow"].append(ms)
-        statuses.add(f"{got.get('X-Rerank-Status')}/{got.get('X-Rerank-Reason')}")
-    await asyncio.sleep(1.0)  # let the last comparisons finish before reading the stats
-    async with session.get(f"{shadow}/_rerank/stats") as resp:
-        stats = await resp.json()
+        for way in ways[i % 4 :] + ways[: i % 4]:
+            base = es if way == "direct" else serve if way == "serve_off" else shadow
+            sent = kw if way in ("direct", "shadow") else {**kw, "headers": {**headers, **off}}
+            ms, got = await timed(session, method, base + path, **sent)
+            times[way].append(ms)
+            if way == "shadow":
+                statuses.add(f"{got.get('X-Rerank-Status')}/{got.get('X-Rerank-Reason')}")
+    done = 0
+    for _ in range(600):  # the comparisons run after the answers: wait for them before reading
+        async with session.get(f"{shadow}/_rerank/stats") as resp:
+            stats = await resp.json()
+        done = sum(stats["shadow"][k] - before[k] for k in ("compared", "dropped", "unscorable"))
+        if done >= n:
+            break
+        await asyncio.sleep(0.1)
     p50 = {k: statistics.median(v) for k, v in times.items()}
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x - y for x, y in zip(times[a], times[b], strict=True))
+
     return {
         **{f"{k}_p50_ms": v for k, v in p50.items()},
         **{f"{k}_p95_ms": pct(v, 0.95) for k, v in times.items()},
@@ -129,6 +142,11 @@ async def compare_shadow(
         "shadow_added_p50_ms_vs_pass_through": p50["shadow"] - p50["serve_off"],
         "shadow_added_p50_ms_vs_own_pass_through": p50["shadow"] - p50["shadow_off"],
         "pass_through_added_p50_ms_vs_direct": p50["serve_off"] - p50["direct"],
+        "paired_median_ms_shadow_minus_pass_through": paired("shadow", "serve_off"),
+        "paired_median_ms_shadow_minus_own_pass_through": paired("shadow", "shadow_off"),
+        "paired_median_ms_pass_through_minus_direct": paired("serve_off", "direct"),
+        "searches": n,
+        "comparisons_finished": done,
         "shadow_statuses": sorted(statuses),
         "shadow_stats": stats.get("shadow"),
     }
@@ -259,7 +277,9 @@ def main() -> None:
         print(
             f"shadow mode: p50 direct {r['direct_p50_ms']:.2f} ms, pass-through {r['serve_off_p50_ms']:.2f}"
             f" ms, shadow {r['shadow_p50_ms']:.2f} ms: adds {added:.2f} ms over pass-through ({own:.2f} ms"
-            f" over its own), {r['shadow_added_p50_ms_vs_direct']:.2f} ms over direct;"
+            f" over its own), {r['shadow_added_p50_ms_vs_direct']:.2f} ms over direct; paired medians:"
+            f" {r['paired_median_ms_shadow_minus_pass_through']:.2f} ms over pass-through,"
+            f" {r['paired_median_ms_shadow_minus_own_pass_through']:.2f} ms over its own;"
             f" shadow stats {r['shadow_stats']}"
         )
     print(f"written to {args.out}")
