@@ -514,6 +514,7 @@ def main() -> None:
                 "model": described,
                 "machine": machine(),
                 "before": args.before,
+                "load_average": os.getloadavg(),
                 "date": time.strftime("%Y-%m-%d %H:%M"),
                 "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
             }
