@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
 from aiohttp import web
@@ -146,18 +145,6 @@ async def relay_streamed(upstream: Upstream, request: web.Request, limit: int) -
     return await relay(upstream, request, body, headers, passthrough=True)
 
 
-@dataclass
-class Tee:
-    """A copy of a relayed answer, kept to look at once the client has it (shadow mode). Only an
-    answer of at most ``limit`` bytes that arrived whole is ``complete``."""
-
-    limit: int
-    status: int = 0
-    encoding: str = "identity"
-    body: bytearray = field(default_factory=bytearray)
-    complete: bool = False
-
-
 async def relay(
     upstream: Upstream,
     request: web.Request,
@@ -166,18 +153,13 @@ async def relay(
     extra: dict[str, str] | None = None,
     *,
     passthrough: bool = False,
-    tee: Tee | None = None,
 ) -> web.StreamResponse:
     """Forward as-is and stream Elasticsearch's answer back, status and headers included.
 
-    ``passthrough`` applies ``upstream.passthrough_timeout_s`` instead of the search limit; ``tee``
-    keeps a copy of the answer's bytes.
+    ``passthrough`` applies ``upstream.passthrough_timeout_s`` instead of the search limit.
     """
     target = upstream_target(request)
     async with upstream.stream(request.method, target, headers, body, passthrough=passthrough) as resp:
-        if tee is not None:
-            tee.status = resp.status
-            tee.encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=forwardable(resp.headers))
         for key, value in (extra or {}).items():
             out.headers[key] = value
@@ -188,8 +170,6 @@ async def relay(
             try:
                 async for chunk in upstream.relay_chunks(resp, passthrough=passthrough):
                     await out.write(chunk)
-                    if tee is not None and len(tee.body) <= tee.limit:
-                        tee.body += chunk
             except ProxyError as exc:
                 # The status line is already sent: the honest signal left is a cut connection, so
                 # the client sees a truncated body rather than a complete-looking wrong one.
@@ -198,8 +178,6 @@ async def relay(
                     request.transport.abort()
                 return out
         await out.write_eof()
-        if tee is not None:
-            tee.complete = len(tee.body) <= tee.limit
         return out
 
 

@@ -45,7 +45,7 @@ from .outcome import (
     multi_headers,
     skipped,
 )
-from .relay import Tee, relay, request_headers, upstream_target, without_params
+from .relay import relay, request_headers, upstream_target, without_params
 from .scorer import Scorer
 from .search_plan import (
     MSEARCH,
@@ -68,7 +68,6 @@ from .upstream import Upstream, UpstreamResponse, forwardable
 log = logging.getLogger("proxy")
 
 _VARIANT = web.RequestKey("rerank_variant", str)  # the request's A/B variant, for every answer it gets
-SHADOW_MAX_BYTES = 16 * 1024 * 1024  # larger answers are relayed but not compared
 _JSON_TYPES = ("application/json", "application/vnd.elasticsearch+json", "application/x-ndjson")
 _NDJSON_TYPES = ("application/x-ndjson", "application/vnd.elasticsearch+x-ndjson", "application/json")
 GZIP_LEVEL = 3  # Elasticsearch's http.compression_level default
@@ -230,7 +229,7 @@ class SearchPipeline:
         if isinstance(plan, Passthrough):
             return await self._relay(request, original, headers, [skipped(plan.reason)])
         if self.cfg.rerank.mode == "shadow":
-            return await self._shadow(request, original, headers, [plan], multi=False)
+            return await self._shadow(request, original, headers, [plan], target)
         answer = await self._ask(
             request.method, without_params(target, plan.dropped_params), headers, orjson.dumps(plan.body)
         )
@@ -280,7 +279,10 @@ class SearchPipeline:
             for body, over in zip(bodies, overrides, strict=True)
         ]
         if self.cfg.rerank.mode == "shadow" and any(isinstance(item.plan, RerankPlan) for item in items):
-            return await self._shadow(request, original, headers, [item.plan for item in items], multi=True)
+            lines = [pair.header_line for pair in pairs]
+            return await self._shadow(
+                request, original, headers, [item.plan for item in items], target, lines
+            )
         if not any(isinstance(item.plan, RerankPlan) for item in items):
             reasons = [skipped(item.plan.reason) for item in items if isinstance(item.plan, Passthrough)]
             return await self._relay(request, original, headers, reasons, multi=True)
@@ -447,20 +449,52 @@ class SearchPipeline:
         original: bytes,
         headers: CIMultiDict[str],
         plans: list[RerankPlan | Passthrough],
-        multi: bool,
+        target: str,
+        header_lines: list[bytes] | None = None,
     ) -> web.StreamResponse:
-        """Elasticsearch's own answer to the client's own request, at once and unchanged; the model's
-        order of the same hits is compared with it afterwards, in the background, through the same
-        queue (a full queue drops the comparison, never the search)."""
+        """Elasticsearch's own answer to the client's own request, at once and unchanged. Afterwards,
+        in the background, what serving would have reranked (the widened top_k) is fetched and scored
+        through the same queue (a full queue drops the comparison, never the search), and the model's
+        order compared with Elasticsearch's. ``header_lines``: a multi-search's, one per plan."""
         outcomes = [self._count(skipped("shadow" if isinstance(p, RerankPlan) else p.reason)) for p in plans]
+        multi = header_lines is not None
         extra = _with_variant(request, multi_headers(outcomes) if multi else outcomes[0].headers())
-        tee = Tee(SHADOW_MAX_BYTES)
-        response = await relay(self.upstream, request, original or None, headers, extra, tee=tee)
-        if tee.complete and tee.status == 200:
-            task = asyncio.create_task(self.comparisons.compare(plans, tee, multi))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        response = await relay(self.upstream, request, original or None, headers, extra)
+        chosen = [(i, p) for i, p in enumerate(plans) if isinstance(p, RerankPlan)]
+        if response.status != 200 or not chosen:
+            return response
+        if header_lines is not None:
+            body = write_pairs((header_lines[i], p.body) for i, p in chosen)
+            widened = without_params(target, frozenset({"filter_path"}))
+        else:
+            body, widened = (
+                orjson.dumps(chosen[0][1].body),
+                without_params(target, chosen[0][1].dropped_params),
+            )
+        fetch = self._shadow_candidates(request.method, widened, headers, body, [p for _, p in chosen], multi)
+        task = asyncio.create_task(fetch)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         return response
+
+    async def _shadow_candidates(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        plans: list[RerankPlan],
+        multi: bool,
+    ) -> None:
+        try:
+            answer = await self._ask(method, target, headers, body)
+        except ProxyError as exc:
+            log.info("shadow comparison dropped: %s", exc.reason)
+            self.stats.shadow.dropped += len(plans)
+            return
+        data = answer.json() if answer.status == 200 else None
+        answers = (data.get("responses") if isinstance(data, dict) else None) if multi else [data]
+        await self.comparisons.compare(plans, answers)
 
     async def _score(self, query: str, texts: list[str]) -> list[float]:
         """Scores for the passages; any failure becomes :class:`RerankFailed` so the search survives."""

@@ -11,7 +11,6 @@ client has its answer.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import hashlib
 import logging
 import random
@@ -19,14 +18,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from .errors import RerankFailed
-from .search_plan import Passthrough, RerankPlan
+from .search_plan import RerankPlan
 from .search_response import passage_text
 
 if TYPE_CHECKING:
-    from .relay import Tee
     from .stats import ProxyStats
 
 log = logging.getLogger("proxy")
@@ -79,7 +75,7 @@ def in_sample(key: str | None, rate: float) -> bool:
 
 
 class ShadowComparisons:
-    """Scores the hits Elasticsearch returned, through the same scorer and queue as served searches
+    """Scores the head serving would rerank, through the same scorer and queue as served searches
     (``score`` raises :class:`RerankFailed` when the queue is full or the model fails: the comparison
     is dropped), and records how the model's order differs."""
 
@@ -87,23 +83,12 @@ class ShadowComparisons:
         self._score = score
         self._stats = stats
 
-    async def compare(self, plans: list[RerankPlan | Passthrough], tee: Tee, multi: bool) -> None:
-        body = bytes(tee.body)
-        try:
-            data = orjson.loads(gzip.decompress(body) if tee.encoding == "gzip" else body)
-        except (orjson.JSONDecodeError, OSError, EOFError):
-            data = None
-        answers = data.get("responses") if multi and isinstance(data, dict) else [data]
+    async def compare(self, plans: list[RerankPlan], answers: Any) -> None:
+        """``answers``: Elasticsearch's answers to the plans' widened searches, one per plan."""
         if not isinstance(answers, list) or len(answers) != len(plans):
-            self._stats.shadow.unscorable += sum(isinstance(p, RerankPlan) for p in plans)
+            self._stats.shadow.unscorable += len(plans)
             return
-        await asyncio.gather(
-            *(
-                self._compare_one(p, a)
-                for p, a in zip(plans, answers, strict=True)
-                if isinstance(p, RerankPlan)
-            )
-        )
+        await asyncio.gather(*(self._compare_one(p, a) for p, a in zip(plans, answers, strict=True)))
 
     async def _compare_one(self, plan: RerankPlan, answer: Any) -> None:
         hits = answer.get("hits", {}).get("hits") if isinstance(answer, dict) else None

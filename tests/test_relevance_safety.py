@@ -143,9 +143,11 @@ def test_shadow_mode_answers_with_elasticsearchs_bytes_and_compares(
 
 
 def test_shadow_mode_figures_are_the_models(es_url: str, es: Elasticsearch, tiny_model: Path) -> None:
+    """Shadow mode compares what serving would rerank, Elasticsearch's top_k, whatever page the client
+    asked for: each figure is computed here again from the same hits and plain-transformers scores."""
     server = ProxyThread(make_config(es_url, tiny_model, top_k=TOP_K, mode="shadow")).start()
     try:
-        post(server.url, f"/{INDEX}/_search", {"query": MATCH, "size": 10})
+        post(server.url, f"/{INDEX}/_search", {"query": MATCH, "size": 3})
         for _ in range(100):
             shadow = json.loads(http(server.url + "/_rerank/stats")[2])["shadow"]
             if shadow["compared"]:
@@ -154,8 +156,39 @@ def test_shadow_mode_figures_are_the_models(es_url: str, es: Elasticsearch, tiny
     finally:
         server.stop()
     _, _, model = head(es, tiny_model)
-    order = sorted(range(10), key=lambda i: -model[i])  # the 10 hits the client got
+    n = len(model)
+    order = sorted(range(n), key=lambda i: -model[i])
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    tau = sum((model[i] > model[j]) - (model[i] < model[j]) for i, j in pairs) / len(pairs)
+    assert shadow["compared"] == 1
     assert shadow["mean_es_top_hit_rank"] == order.index(0) + 1
+    assert shadow["mean_overlap@10"] == pytest.approx(len(set(order[:10]) & set(range(10))) / 10)
+    assert shadow["mean_kendall_tau"] == pytest.approx(tau)
+
+
+def test_shadow_mode_compares_each_msearch_item(es_url: str, es: Elasticsearch, tiny_model: Path) -> None:
+    server = ProxyThread(make_config(es_url, tiny_model, top_k=TOP_K, mode="shadow")).start()
+    lines = [
+        {"index": INDEX},
+        {"query": MATCH, "size": 2},
+        {"index": INDEX},
+        {"query": MATCH, "sort": ["_doc"]},
+    ]
+    body = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    try:
+        status, headers, raw = http(
+            server.url + "/_msearch", "POST", body, {"Content-Type": "application/x-ndjson"}
+        )
+        for _ in range(100):
+            shadow = json.loads(http(server.url + "/_rerank/stats")[2])["shadow"]
+            if shadow["compared"]:
+                break
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert status == 200 and headers["x-rerank-items"] == "skipped:shadow,skipped:sort"
+    assert len(json.loads(raw)["responses"][0]["hits"]["hits"]) == 2  # the client's own answer
+    assert (shadow["compared"], shadow["unscorable"], shadow["dropped"]) == (1, 0, 0)
 
 
 def test_ab_split_is_sticky_and_labelled(es_url: str, es: Elasticsearch, tiny_model: Path) -> None:
