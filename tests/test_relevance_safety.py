@@ -57,6 +57,17 @@ def head(es: Elasticsearch, model: Path) -> tuple[list[str], list[float], list[f
     )
 
 
+def settled_stats(server: ProxyThread, compared: int) -> dict[str, Any]:
+    """The proxy's stats once ``compared`` shadow comparisons are done (they run after the answer)."""
+    stats: dict[str, Any] = {}
+    for _ in range(200):
+        stats = json.loads(http(server.url + "/_rerank/stats")[2])
+        if stats["shadow"]["compared"] >= compared:
+            break
+        time.sleep(0.05)
+    return stats
+
+
 def by_score(names: list[str], scores: list[float]) -> list[str]:
     return [names[i] for i in sorted(range(len(names)), key=lambda i: -scores[i])]
 
@@ -126,12 +137,7 @@ def test_shadow_mode_answers_with_elasticsearchs_bytes_and_compares(
                 "shadow",
             )
             assert _without_took(shadowed) == _without_took(direct)  # Elasticsearch's own bytes
-        stats: dict[str, Any] = {}
-        for _ in range(100):  # the comparison runs after the answer: wait for it
-            stats = json.loads(http(server.url + "/_rerank/stats")[2])
-            if stats["shadow"]["compared"] == 2:
-                break
-            time.sleep(0.05)
+        stats = settled_stats(server, compared=2)
     finally:
         server.stop()
     shadow = stats["shadow"]
@@ -148,11 +154,7 @@ def test_shadow_mode_figures_are_the_models(es_url: str, es: Elasticsearch, tiny
     server = ProxyThread(make_config(es_url, tiny_model, top_k=TOP_K, mode="shadow")).start()
     try:
         post(server.url, f"/{INDEX}/_search", {"query": MATCH, "size": 3})
-        for _ in range(100):
-            shadow = json.loads(http(server.url + "/_rerank/stats")[2])["shadow"]
-            if shadow["compared"]:
-                break
-            time.sleep(0.05)
+        shadow = settled_stats(server, compared=1)["shadow"]
     finally:
         server.stop()
     _, _, model = head(es, tiny_model)
@@ -179,11 +181,7 @@ def test_shadow_mode_compares_each_msearch_item(es_url: str, es: Elasticsearch, 
         status, headers, raw = http(
             server.url + "/_msearch", "POST", body, {"Content-Type": "application/x-ndjson"}
         )
-        for _ in range(100):
-            shadow = json.loads(http(server.url + "/_rerank/stats")[2])["shadow"]
-            if shadow["compared"]:
-                break
-            time.sleep(0.05)
+        shadow = settled_stats(server, compared=1)["shadow"]
     finally:
         server.stop()
     assert status == 200 and headers["x-rerank-items"] == "skipped:shadow,skipped:sort"
