@@ -142,6 +142,7 @@ class ModelSpec:
     label: str  # the row's title
     missing: str | None = None  # why source is None
     max_windows: int = 1  # rerank.max_windows: >1 scores long passages as windows (MaxP)
+    dtype: str = "auto"  # rerank.dtype
 
 
 def parse_model(arg: str) -> ModelSpec:
@@ -167,14 +168,17 @@ def parse_model(arg: str) -> ModelSpec:
 
 def scorer_config(spec: ModelSpec) -> RerankConfig:
     """The proxy's defaults (max_length 256, device auto) with the score cache off, so pairs/s is
-    the cost of scoring every pair rather than of finding repeats."""
+    the cost of scoring every pair rather than of finding repeats, and no deadline: every query of the
+    collection is submitted at once, and each must be scored, however long the queue."""
     assert spec.source is not None
     return RerankConfig(
         model=spec.source,
         scorer=spec.scorer,
         cache_entries=0,
+        timeout_ms=3_600_000,
         max_queued_pairs=1_000_000,
         max_windows=spec.max_windows,
+        dtype=spec.dtype,
     )
 
 
@@ -193,6 +197,8 @@ def proxy_flags(spec: ModelSpec) -> list[str]:
         "1000000",
         "--rerank-max-windows",
         str(spec.max_windows),
+        "--rerank-dtype",
+        spec.dtype,
     ]
 
 
@@ -768,6 +774,12 @@ def main() -> None:
         "--max-windows", type=int, default=1, help="rerank.max_windows for every model (MaxP when > 1)"
     )
     ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="rerank.dtype for every model (auto: bf16 autocast on a CPU with native bf16)",
+    )
+    ap.add_argument(
         "--fusion",
         nargs="+",
         metavar="SETTING",
@@ -792,6 +804,8 @@ def main() -> None:
             replace(s, max_windows=args.max_windows, label=f"{s.label}, MaxP x{args.max_windows}")
             for s in specs
         ]
+    if args.dtype != "auto":
+        specs = [replace(s, dtype=args.dtype, label=f"{s.label}, {args.dtype}") for s in specs]
     started = time.perf_counter()
     try:
         dl19 = datasets.trec_dl19(args.data)

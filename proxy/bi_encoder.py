@@ -149,7 +149,7 @@ class BiEncoderModel(TransformerModel):
         import torch
 
         tensors = self.tensors(batch)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.precision():
             hidden = self.forward(**tensors).last_hidden_state
             if self.pooling == "cls":
                 pooled = hidden[:, 0]

@@ -133,8 +133,8 @@ class RerankConfig:
     device: str = _opt("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.")
     dtype: str = _opt(
         "auto",
-        "Weights' precision: auto (bfloat16 on cuda compute capability >= 8.0, else float16; "
-        "float32 on cpu), float32, float16, bfloat16.",
+        "Weights' precision: auto (bfloat16 on cuda compute capability >= 8.0, else float16; on cpu "
+        "float32, run under bfloat16 autocast where the CPU has native bf16), float32, float16, bfloat16.",
     )
     compile: bool = _opt(False, "torch.compile the model at start-up (slower start, faster GPU batches).")
     threads: int = _opt(

@@ -98,7 +98,7 @@ class CrossEncoderModel(TransformerModel):
         """One forward pass; blocking, on the model thread."""
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self.precision():
             logits = self.forward(**self.tensors(batch)).logits.float()
             values = logits[:, 1] - logits[:, 0] if self._two_logits else logits[:, 0]
             return [float(v) for v in values.tolist()]

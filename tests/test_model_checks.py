@@ -95,8 +95,8 @@ def test_mps_where_it_is_not_available(torch_sees: Any, built: bool, why: str) -
 @pytest.mark.slow
 def test_length_limit_is_exact_for_bert(tiny_model: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"^rerank\.max_length: 513 is more than .* 512 tokens"):
-        CrossEncoderModel(str(tiny_model), max_length=513, device="cpu")
-    model = CrossEncoderModel(str(tiny_model), max_length=512, device="cpu")
+        CrossEncoderModel(str(tiny_model), max_length=513, device="cpu", dtype="float32")
+    model = CrossEncoderModel(str(tiny_model), max_length=512, device="cpu", dtype="float32")
     model.warm_up(2)  # a pair of exactly 512 tokens runs
     model.tokenizer.model_max_length = 100
     assert length_limit(model.net, model.tokenizer) == (100, "its tokenizer's model_max_length 100")
@@ -131,8 +131,8 @@ def test_length_limit_skips_robertas_unused_positions(tiny_model: Path, tmp_path
         ModelLoadError,
         match=r"40 is more than .* 39 tokens \(max_position_embeddings 40, of which 1 unused\)",
     ):
-        CrossEncoderModel(str(folder), max_length=40, device="cpu")
-    CrossEncoderModel(str(folder), max_length=39, device="cpu").warm_up(2)
+        CrossEncoderModel(str(folder), max_length=40, device="cpu", dtype="float32")
+    CrossEncoderModel(str(folder), max_length=39, device="cpu", dtype="float32").warm_up(2)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +166,7 @@ def test_missing_weights_is_one_line(tiny_model: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_model, folder)
     (folder / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match=r"^rerank\.model: cannot load .*model\.safetensors") as info:
-        CrossEncoderModel(str(folder), max_length=32, device="cpu")
+        CrossEncoderModel(str(folder), max_length=32, device="cpu", dtype="float32")
     assert "\n" not in str(info.value)
 
 
@@ -205,7 +205,7 @@ def test_a_failing_warm_up_is_one_line(tiny_model: Path, monkeypatch: pytest.Mon
         raise RuntimeError("CUDA error: an illegal memory access\nmore detail")
 
     monkeypatch.setattr(CrossEncoderModel, "warm_up", boom)
-    cfg = RerankConfig(model=str(tiny_model), device="cpu")
+    cfg = RerankConfig(model=str(tiny_model), device="cpu", dtype="float32")
     with pytest.raises(ModelLoadError) as info:
         build_model(cfg)
     assert (
@@ -235,7 +235,9 @@ def test_compile_failing_in_warm_up_names_rerank_compile(
                 ModelLoadError, match=r"^rerank\.compile: torch\.compile failed while warming up: "
             ),
         ):
-            build_model(RerankConfig(model=str(model), device="cpu", compile=True, max_length=32))
+            build_model(
+                RerankConfig(model=str(model), device="cpu", dtype="float32", compile=True, max_length=32)
+            )
     finally:
         torch._dynamo.reset()
 

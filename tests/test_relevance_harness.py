@@ -43,7 +43,7 @@ def test_the_fixed_bm25_row_is_the_published_run() -> None:
 @pytest.mark.slow
 async def test_fixed_candidates_with_a_tiny_model_gives_a_complete_result(tiny_model: Path) -> None:
     col = datasets.trec_dl19(DATA)
-    scorer = await load_scorer(RerankConfig(model=str(tiny_model), device="cpu"))
+    scorer = await load_scorer(RerankConfig(model=str(tiny_model), device="cpu", dtype="float32"))
     try:
         result = await relevance.fixed_candidates(scorer, col, max_queries=3, concurrency=2)
     finally:

@@ -40,7 +40,7 @@ def test_batch_tensors_pad_every_row_at_its_right() -> None:
 def test_tokenizing_on_several_threads_gives_what_one_thread_gives(tiny_model: Path) -> None:
     """Each thread has its own tokenizer: a long query clipped without truncation on one thread never
     leaves another thread's pairs untruncated."""
-    model = CrossEncoderModel(str(tiny_model), max_length=32, device="cpu")
+    model = CrossEncoderModel(str(tiny_model), max_length=32, device="cpu", dtype="float32")
     passages = [d["text"] for d in DOCS]
     queries = ["tea", " ".join(["coffee water"] * 40), "bread", " ".join(["ocean"] * 30)]
     serial = [model.encode(q, passages) for q in queries]

@@ -22,7 +22,7 @@ QUERIES = ["coffee with water", "green tea", "bread baked", "cheese", "ocean wav
 
 
 def config(model: Path, **kw: object) -> RerankConfig:
-    return RerankConfig(model=str(model), device="cpu", max_length=64, **kw)  # type: ignore[arg-type]
+    return RerankConfig(model=str(model), device="cpu", dtype="float32", max_length=64, **kw)  # type: ignore[arg-type]
 
 
 async def test_concurrent_searches_get_exactly_their_own_scores(tiny_model: Path) -> None:
@@ -75,7 +75,7 @@ async def test_no_cache_by_default(tiny_model: Path) -> None:
 async def test_overload_is_refused_before_tokenizing(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = CrossEncoderModel(str(tiny_model), max_length=64, device="cpu")
+    model = CrossEncoderModel(str(tiny_model), max_length=64, device="cpu", dtype="float32")
     scorer = EngineScorer(model, limits_of(config(tiny_model, max_queued_pairs=10)))
     tokenized: list[int] = []
     encode = model.encode
