@@ -371,7 +371,8 @@ def main() -> None:
                 "max_length": MAX_LENGTH,
                 "in_flight": IN_FLIGHT,
                 "rounds": args.rounds,
-                "auto_dtype": engines["auto"].model.dtype,
+                "auto_dtype": engines["auto"].model.dtype
+                + (" under bf16 autocast" if getattr(engines["auto"].model, "autocast", False) else ""),
                 "engines": {k: e.describe() for k, e in engines.items()},
                 "machine": machine(),
                 "torch": torch.__version__,
