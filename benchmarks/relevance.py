@@ -570,7 +570,7 @@ def render_fusion_table(result: dict[str, Any]) -> str:
         lines.append(f"| {title} | {' | '.join(figs)} | {worst} | {kept} | {goal} |")
     lines.append("")
     lines.append(
-        f"Goal (issue 9): no column below its BM25 figure, and at least {100 * GAIN_KEPT:.0f} % of the"
+        f"Goal: no column below its BM25 figure, and at least {100 * GAIN_KEPT:.0f} % of the"
         " model's own nDCG@10 gain over BM25 kept on each DL19 column."
     )
     return "\n".join(lines) + "\n"

@@ -77,7 +77,7 @@ def recorder(seen: list[dict[str, Any]], status: int = 200) -> Handler:
     return handler
 
 
-# --- the target: path and query only, never a host (issue 13 item 4) ---------------------------
+# --- the target: path and query only, never a host ----------------------------------------------
 
 
 @pytest.mark.parametrize(
