@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,23 +19,29 @@ from .conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+
+def run_benchmark(script: str, *args: str, out: Path, timeout: int) -> Any:
+    """Run ``benchmarks/<script>`` offline as a user would and return the JSON it wrote to ``out``."""
+    run = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 DATA = ROOT.parent / "shared" / "data" / "trec-dl19"
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data/trec-dl19 is not beside the clone")
 def test_throughput_benchmark_runs_end_to_end(es_url: str, tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
-    cmd = [sys.executable, "benchmarks/throughput.py", "--model", "tiny", "--quick", "--es-url", es_url]
-    run = subprocess.run(
-        [*cmd, "--out", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    args = ["--model", "tiny", "--quick", "--es-url", es_url, "--out", str(out)]
+    result = run_benchmark("throughput.py", *args, out=out, timeout=900)
     assert out.with_suffix(".png").stat().st_size > 10_000
     for mix in ("mix", "dl19", "fixed256"):
         row = result["scorer"][mix]
@@ -60,18 +67,10 @@ def test_relevance_benchmark_measures_every_fusion_setting_both_ways(
 ) -> None:
     """The fusion sweep, fixed candidates and through the proxy (per-request settings), on 3 queries;
     every proxied search reranked, every row and the fusion table written."""
-    cmd = [sys.executable, "benchmarks/relevance.py", "--model", str(tiny_model), "--fusion", "sweep"]
-    cmd += ["--collections", "noveleval", "--max-queries", "3", "--es-url", es_url]
-    run = subprocess.run(
-        [*cmd, "--index-prefix", "test-fusion-", "--out-dir", str(tmp_path), "--tag", "smoke"],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads((tmp_path / "relevance-smoke.json").read_text())
+    args = ["--model", str(tiny_model), "--fusion", "sweep", "--collections", "noveleval"]
+    args += ["--max-queries", "3", "--es-url", es_url, "--index-prefix", "test-fusion-"]
+    args += ["--out-dir", str(tmp_path), "--tag", "smoke"]
+    result = run_benchmark("relevance.py", *args, out=tmp_path / "relevance-smoke.json", timeout=600)
     name = str(tiny_model)
     rows = [name] + [f"{name}+{k}" for k in ("rrf:60", "linear:0.3", "linear:0.5", "linear:0.7")]
     assert result["setup"]["fusions"] == ["none", "rrf:60", "linear:0.3", "linear:0.5", "linear:0.7"]
@@ -92,17 +91,8 @@ def test_overhead_benchmark_measures_shadow_mode(es_url: str, tmp_path: Path) ->
     """A few requests per case, the shadow proxy included: its answers say shadow, and its stats show
     the comparisons made in the background."""
     out = tmp_path / "overhead.json"
-    cmd = [sys.executable, "benchmarks/overhead.py", "--es-url", es_url, "--requests", "5"]
-    run = subprocess.run(
-        [*cmd, "--cases", "search_rerank_off", "search_shadow", "--out", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    args = ["--es-url", es_url, "--requests", "5", "--cases", "search_rerank_off", "search_shadow"]
+    result = run_benchmark("overhead.py", *args, "--out", str(out), out=out, timeout=600)
     shadow = result["search_shadow"]
     assert shadow["shadow_statuses"] == ["skipped/shadow"]
     assert shadow["comparisons_finished"] == 5 and shadow["shadow_stats"]["compared"] >= 5

@@ -9,15 +9,12 @@ and that the JSON and the Markdown table were written.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from .conftest import ROOT
+from .test_benchmarks import run_benchmark
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +28,8 @@ DATA = ROOT.parent / "shared" / "data" / "trec-dl19"
 )
 def test_peers_benchmark_runs_offline(tmp_path: Path) -> None:
     out = tmp_path / "peers.json"
-    cmd = [sys.executable, "benchmarks/peers.py", "--model", "tiny", "--pairs", "200", "--rounds", "1"]
-    run = subprocess.run(
-        [*cmd, "--no-infinity", "--out", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    args = ["--model", "tiny", "--pairs", "200", "--rounds", "1", "--no-infinity", "--out", str(out)]
+    result = run_benchmark("peers.py", *args, out=out, timeout=240)
     contenders = result["contenders"]
     assert set(contenders) == {
         "engine_float32_all",
