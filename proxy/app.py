@@ -15,7 +15,8 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .config import Config
+from .admin import LIFECYCLE_KEY, Lifecycle
+from .config import DEFAULT_MODEL, Config
 from .errors import ProxyError, es_error_body
 from .outcome import REASON_HEADER, STATUS_HEADER, TOOK_HEADER
 from .relay import read_body, relay_streamed
@@ -25,16 +26,15 @@ from .search_plan import search_endpoint
 from .stats import ProxyStats
 from .upstream import Upstream
 
-__all__ = ["REASON_HEADER", "STATUS_HEADER", "TOOK_HEADER", "create_app"]
+__all__ = ["REASON_HEADER", "STATUS_HEADER", "TOOK_HEADER", "create_app", "stats_body"]
 
 log = logging.getLogger("proxy")
 
 CONFIG_KEY = web.AppKey("config", Config)
 UPSTREAM_KEY = web.AppKey("upstream", Upstream)
-SCORER_KEY = web.AppKey("scorer", Scorer)
+SCORERS_KEY = web.AppKey("scorers", dict[str, Scorer])  # by model name; DEFAULT_MODEL is rerank's
 STATS_KEY = web.AppKey("stats", ProxyStats)
 SEARCH_KEY = web.AppKey("search", SearchPipeline)
-STATS_PATH = "/_rerank/stats"  # Elasticsearch has no API under /_rerank
 
 
 @web.middleware
@@ -64,12 +64,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await request.app[SEARCH_KEY].handle(request, body, endpoint)
 
 
-async def handle_stats(request: web.Request) -> web.Response:
-    scorer = request.app.get(SCORER_KEY)
+def stats_body(app: web.Application) -> dict[str, Any]:
+    """``GET /_rerank/stats`` on the admin listener: the counters, the default model's queue."""
+    scorers = app.get(SCORERS_KEY, {})
+    scorer = scorers.get(DEFAULT_MODEL)
     queue = getattr(getattr(scorer, "queue", None), "stats", None)
-    body = request.app[STATS_KEY].snapshot(queue)
+    body = app[STATS_KEY].snapshot(queue)
     body["model"] = getattr(scorer, "name", None)
-    return json_response(200, body)
+    return body
 
 
 def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
@@ -77,25 +79,30 @@ def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware])  # body limit: read_body, streaming
     app[CONFIG_KEY] = cfg
     app[STATS_KEY] = ProxyStats()
+    app[LIFECYCLE_KEY] = Lifecycle()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own = scorer is None and cfg.rerank.enabled
+        app[SCORERS_KEY] = {}
         if scorer is not None:
-            app[SCORER_KEY] = scorer
+            app[SCORERS_KEY][DEFAULT_MODEL] = scorer
         elif cfg.rerank.enabled:  # disabled in config means a plain proxy: no model is loaded
-            app[SCORER_KEY] = await load_scorer(cfg.rerank)
+            app[SCORERS_KEY][DEFAULT_MODEL] = await load_scorer(cfg.rerank)
         # After the model: a model that fails to load must not leave an unclosed client session.
         app[UPSTREAM_KEY] = Upstream(cfg.upstream)
-        app[SEARCH_KEY] = SearchPipeline(cfg, app[UPSTREAM_KEY], app.get(SCORER_KEY), app[STATS_KEY])
+        default = app[SCORERS_KEY].get(DEFAULT_MODEL)
+        app[SEARCH_KEY] = SearchPipeline(cfg, app[UPSTREAM_KEY], default, app[STATS_KEY])
+        app[LIFECYCLE_KEY].ready = True
         try:
             yield
         finally:
+            app[LIFECYCLE_KEY].ready = False
             await app[SEARCH_KEY].aclose()
             await app[UPSTREAM_KEY].close()
             if own:
-                await app[SCORER_KEY].aclose()
+                for owned in app[SCORERS_KEY].values():
+                    await owned.aclose()
 
     app.cleanup_ctx.append(resources)
-    app.router.add_get(STATS_PATH, handle_stats)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

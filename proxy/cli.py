@@ -21,6 +21,8 @@ import yaml
 from .config import (
     ALIASES,
     ENV_PREFIX,
+    MODEL_KEYS,
+    RULE_KEYS,
     SECTIONS,
     Config,
     ConfigError,
@@ -29,6 +31,29 @@ from .config import (
     mask_url,
     option_keys,
 )
+
+STRUCTURED_EXAMPLE = [
+    "# Per-index rules, each with its own model (YAML only). Searches of an index no rule names get the",
+    "# rerank section above. A rule's index patterns are matched against the indices a request names",
+    "# (wildcards and comma lists; aliases by their own name). A model entry sets any of the rerank",
+    "# section's model options (model, scorer, backend, backend_url, max_length, device, dtype...) and",
+    "# inherits the rest; a rule sets index, model, enabled, field, top_k and query_path.",
+    "#",
+    "# models:",
+    "#   german:",
+    "#     model: deepset/gbert-base-germandpr-reranking",
+    "#   shared-gpu:",
+    "#     model: mixedbread-ai/mxbai-rerank-base-v1",
+    "#     backend: cohere",
+    "#     backend_url: http://infinity:7997/rerank",
+    "# rules:",
+    "#   - index: docs-de-*",
+    "#     model: german",
+    "#     field: [title, body]",
+    "#   - index: [logs-*, metrics-*]",
+    "#     enabled: false",
+    "",
+]
 
 
 def _flag(key: str) -> str:
@@ -72,15 +97,38 @@ def render_default_yaml() -> str:
             lines.append(f"  # {f.metadata['help']}")
             lines.append(f"  {text}")
         lines.append("")
+    lines.extend(STRUCTURED_EXAMPLE)
     return "\n".join(lines)
 
 
+def _masked(values: dict[str, Any]) -> dict[str, Any]:
+    if values.get("backend_api_key") is not None:
+        values["backend_api_key"] = "***"
+    return values
+
+
 def render_config(cfg: Config) -> str:
-    data = {
+    """The effective configuration as YAML, secrets masked; ``models:`` and ``rules:`` as resolved."""
+    data: dict[str, Any] = {
         s: {f.name: _yaml_value(getattr(getattr(cfg, s), f.name)) for f in dataclasses.fields(cls)}
         for s, cls in SECTIONS.items()
     }
     data["upstream"]["url"] = mask_url(cfg.upstream.url)
+    _masked(data["rerank"])
+    if cfg.models:
+        data["models"] = {
+            name: _masked({k: _yaml_value(getattr(m, k)) for k in MODEL_KEYS})
+            for name, m in cfg.models.items()
+        }
+    if cfg.rules:
+        data["rules"] = [
+            {
+                "index": list(rule.index),
+                "model": rule.model,
+                **{k: _yaml_value(getattr(rule.rerank, k)) for k in RULE_KEYS},
+            }
+            for rule in cfg.rules
+        ]
     return yaml.safe_dump(data, sort_keys=False)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -41,9 +42,60 @@ class ServerConfig:
         "Largest request body accepted, in bytes; larger ones get 413 (Elasticsearch's default).",
     )
     log_level: str = _opt("info", "Logging level: debug, info, warning or error.")
+    log_format: str = _opt("plain", "Log lines as plain text or as one JSON object per line (json).")
+    access_log: bool = _opt(
+        True,
+        "One log line per request: method, path (query values withheld), status, rerank outcome and "
+        "reason, upstream and scoring milliseconds; never a header or a body.",
+    )
+    admin_host: str = _opt(
+        "127.0.0.1",
+        "Address of the admin listener (/metrics, /health/live, /health/ready, /_rerank/stats); keep it "
+        "off the client-facing network.",
+    )
+    admin_port: int = _opt(9901, "Port of the admin listener; 0 turns it off.")
+    shutdown_timeout_s: float = _opt(
+        30.0,
+        "On SIGTERM: stop accepting, then wait this many seconds for in-flight requests before closing.",
+    )
+    tls_cert_file: str | None = _opt(
+        None, "PEM certificate (chain) for https on the client-facing listener; needs tls_key_file."
+    )
+    tls_key_file: str | None = _opt(None, "PEM private key for tls_cert_file.")
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "server.port", self.port, "must be between 1 and 65535")
+        _check(
+            0 <= self.admin_port <= 65535, "server.admin_port", self.admin_port, "must be between 0 and 65535"
+        )
+        _check(
+            self.admin_port == 0 or self.admin_port != self.port,
+            "server.admin_port",
+            self.admin_port,
+            "must differ from server.port (the admin listener is a separate one)",
+        )
+        _check(
+            self.log_format in {"plain", "json"},
+            "server.log_format",
+            self.log_format,
+            "must be plain or json",
+        )
+        _check(
+            self.shutdown_timeout_s >= 0,
+            "server.shutdown_timeout_s",
+            self.shutdown_timeout_s,
+            "must be >= 0",
+        )
+        for key in ("tls_cert_file", "tls_key_file"):
+            value = getattr(self, key)
+            if value is not None:
+                _check(Path(value).is_file(), f"server.{key}", value, "file not found")
+        _check(
+            (self.tls_cert_file is None) == (self.tls_key_file is None),
+            "server.tls_key_file" if self.tls_key_file is None else "server.tls_cert_file",
+            self.tls_key_file if self.tls_key_file is None else self.tls_cert_file,
+            "https needs both server.tls_cert_file and server.tls_key_file",
+        )
         _check(self.max_body_bytes > 0, "server.max_body_bytes", self.max_body_bytes, "must be > 0")
         _check(
             self.log_level.lower() in {"debug", "info", "warning", "error"},
@@ -152,6 +204,26 @@ class RerankConfig:
         10000,
         "Pairs waiting for the model, at most; a search beyond it is answered in Elasticsearch's order.",
     )
+    backend: str = _opt(
+        "local",
+        "Where the model runs: local (in this process), cohere (a Cohere-style /rerank API: infinity-emb, "
+        "vLLM, Jina, Cohere) or tei (Hugging Face text-embeddings-inference's /rerank). With a remote "
+        "backend, model is the name sent to the server.",
+    )
+    backend_url: str | None = _opt(
+        None, "URL of the remote server's rerank endpoint, e.g. http://infinity:7997/rerank (remote only)."
+    )
+    backend_api_key: str | None = dataclasses.field(
+        default=None,
+        repr=False,
+        metadata={"help": "Bearer token sent to the remote rerank server; never logged or printed."},
+    )
+    backend_max_connections: int = _opt(16, "Connections to the remote rerank server, at most.")
+    backend_max_documents: int = _opt(
+        32,
+        "Passages per call to the remote server (TEI refuses more than 32 by default); a longer "
+        "search is sent as several calls at once.",
+    )
     cache_entries: int = _opt(
         0,
         "LRU entries, 0 for none: scores keyed by model, query and passage hash (cross-encoder), "
@@ -240,6 +312,32 @@ class RerankConfig:
         _check(self.max_wait_ms >= 0, "rerank.max_wait_ms", self.max_wait_ms, "must be >= 0")
         _check(self.max_queued_pairs >= 1, "rerank.max_queued_pairs", self.max_queued_pairs, "must be >= 1")
         _check(self.cache_entries >= 0, "rerank.cache_entries", self.cache_entries, "must be >= 0")
+        _check(
+            self.backend in {"local", "cohere", "tei"},
+            "rerank.backend",
+            self.backend,
+            "must be local, cohere or tei",
+        )
+        if self.backend != "local":
+            url = urlsplit(self.backend_url or "")
+            _check(
+                url.scheme in {"http", "https"} and bool(url.hostname),
+                "rerank.backend_url",
+                self.backend_url,
+                f"must be an http:// or https:// URL with a host (rerank.backend is {self.backend})",
+            )
+        _check(
+            self.backend_max_connections >= 1,
+            "rerank.backend_max_connections",
+            self.backend_max_connections,
+            "must be >= 1",
+        )
+        _check(
+            self.backend_max_documents >= 1,
+            "rerank.backend_max_documents",
+            self.backend_max_documents,
+            "must be >= 1",
+        )
         _check(self.timeout_ms >= 1, "rerank.timeout_ms", self.timeout_ms, "must be >= 1")
         dev = self.device
         _check(
@@ -250,11 +348,71 @@ class RerankConfig:
         )
 
 
+DEFAULT_MODEL = "default"  # the rerank section's own model, which serves every index no rule names
+
+# The rerank options that describe a model (an entry of ``models:``); the others describe a search.
+MODEL_KEYS = (
+    "model",
+    "scorer",
+    "backend",
+    "backend_url",
+    "backend_api_key",
+    "backend_max_connections",
+    "backend_max_documents",
+    "max_length",
+    "max_windows",
+    "window_overlap",
+    "device",
+    "dtype",
+    "compile",
+    "threads",
+    "warmup",
+    "max_batch_tokens",
+    "max_batch_pairs",
+    "max_wait_ms",
+    "max_queued_pairs",
+    "cache_entries",
+)
+# What a rule (an entry of ``rules:``) may set besides ``index`` and ``model``.
+RULE_KEYS = ("enabled", "field", "top_k", "query_path")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Searches of the indices ``index`` names get ``rerank``'s settings and ``model``'s scorer.
+
+    ``index`` holds patterns as requests name indices (``*`` wildcards, one pattern an entry); an alias
+    is matched by its own name, since the proxy cannot resolve aliases without asking the cluster.
+    ``rerank`` is the effective configuration: the rerank section, then the model's keys from
+    ``models:``, then the rule's own keys.
+    """
+
+    index: tuple[str, ...]
+    model: str
+    rerank: RerankConfig
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    # Named models besides the rerank section's own (DEFAULT_MODEL); each entry is a RerankConfig whose
+    # MODEL_KEYS come from the YAML entry and the rest from the rerank section.
+    models: Mapping[str, RerankConfig] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+
+    def model_configs(self) -> dict[str, RerankConfig]:
+        """Every model by name, the rerank section's as DEFAULT_MODEL."""
+        return {DEFAULT_MODEL: self.rerank, **self.models}
+
+    def models_in_use(self) -> dict[str, RerankConfig]:
+        """The models a search can reach: the default one when reranking is enabled, and each enabled
+        rule's. Only these are loaded."""
+        used = {rule.model for rule in self.rules if rule.rerank.enabled}
+        if self.rerank.enabled:
+            used.add(DEFAULT_MODEL)
+        return {name: cfg for name, cfg in self.model_configs().items() if name in used}
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -262,6 +420,8 @@ SECTIONS: dict[str, type[Any]] = {
     "upstream": UpstreamConfig,
     "rerank": RerankConfig,
 }
+# Sections only the YAML file can hold: a map of named models and a list of rules.
+STRUCTURED = ("models", "rules")
 
 # A short flag for the most common option, as in `rerank-proxy --upstream http://es:9200`.
 ALIASES = {"upstream": "upstream.url"}
@@ -378,8 +538,10 @@ def _from_yaml(path: Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     known = [k for k, _ in option_keys()]
     for section, body in data.items():
+        if section in STRUCTURED:
+            continue
         if section not in SECTIONS:
-            raise _unknown(str(section), list(SECTIONS))
+            raise _unknown(str(section), [*SECTIONS, *STRUCTURED])
         if body is None:
             continue
         if not isinstance(body, dict):
@@ -445,4 +607,101 @@ def load_config(
                 raise _unknown(key, known)
             section, name = key.split(".", 1)
             values[section][name] = _coerce(key, raw, _field_type(section, name), from_text)
-    return Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})
+    cfg = Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})
+    if path is None:
+        return cfg
+    structured = _structured(Path(path))
+    models = _models(structured.get("models"), cfg.rerank)
+    rules = _rules(structured.get("rules"), cfg.rerank, models)
+    return dataclasses.replace(cfg, models=models, rules=rules)
+
+
+def _structured(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))  # readable: _from_yaml read it first
+    return {k: v for k, v in data.items() if k in STRUCTURED} if isinstance(data, dict) else {}
+
+
+def _replace(base: RerankConfig, prefix: str, raw: Mapping[str, Any]) -> RerankConfig:
+    """``base`` with ``raw``'s rerank options (coerced as YAML values), errors naming ``prefix.key``."""
+    values = {
+        name: _coerce(f"{prefix}.{name}", value, _field_type("rerank", name), False)
+        for name, value in raw.items()
+    }
+    try:
+        return dataclasses.replace(base, **values)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("rerank.", f"{prefix}.", 1)) from None
+
+
+def _models(raw: Any, rerank: RerankConfig) -> dict[str, RerankConfig]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"models: expected a mapping of model names to settings (got {raw!r})")
+    models: dict[str, RerankConfig] = {}
+    for name, body in raw.items():
+        where = f"models.{name}"
+        _check(
+            isinstance(name, str) and bool(re.fullmatch(r"[A-Za-z0-9_.-]+", name)),
+            "models",
+            name,
+            "a model's name is letters, digits, '_', '-' or '.'",
+        )
+        _check(name != DEFAULT_MODEL, where, name, f"'{DEFAULT_MODEL}' is the rerank section's own model")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: expected a mapping of model settings (got {body!r})")
+        for key in body:
+            if key not in MODEL_KEYS:
+                known = [f"{where}.{k}" for k in MODEL_KEYS]
+                if key in RULE_KEYS:
+                    raise ConfigError(f"{where}.{key}: a search setting; set it on a rule, not a model")
+                raise _unknown(f"{where}.{key}", known)
+        _check("model" in body, f"{where}.model", None, "must name the model (an id, folder or pypi:)")
+        # A named model keeps the rerank section's device, threads... unless it sets its own.
+        models[name] = _replace(rerank, where, body)
+    return models
+
+
+def _patterns(where: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise ConfigError(f"{where}: expected an index pattern or a list of them (got {value!r})")
+    _check(bool(items) and all(items), where, value, "must name at least one index pattern")
+    return tuple(items)
+
+
+def _rules(raw: Any, rerank: RerankConfig, models: Mapping[str, RerankConfig]) -> tuple[Rule, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"rules: expected a list of rules (got {raw!r})")
+    rules: list[Rule] = []
+    for i, body in enumerate(raw):
+        where = f"rules[{i}]"
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: expected a mapping with index and settings (got {body!r})")
+        for key in body:
+            if key not in ("index", "model", *RULE_KEYS):
+                known = [f"{where}.{k}" for k in ("index", "model", *RULE_KEYS)]
+                if key in MODEL_KEYS:
+                    raise ConfigError(
+                        f"{where}.{key}: a model setting; declare the model under models: and name it here"
+                    )
+                raise _unknown(f"{where}.{key}", known)
+        _check("index" in body, f"{where}.index", None, "every rule names the indices it applies to")
+        index = _patterns(f"{where}.index", body["index"])
+        name = body.get("model", DEFAULT_MODEL)
+        known_models = [DEFAULT_MODEL, *models]
+        if name not in known_models:
+            close = difflib.get_close_matches(str(name), known_models, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}.model: no model named {name!r} under models:{hint}")
+        base = models.get(name, rerank)
+        # The search settings start from the rerank section, not from the model's entry.
+        base = dataclasses.replace(base, **{k: getattr(rerank, k) for k in RULE_KEYS})
+        settings = {k: v for k, v in body.items() if k in RULE_KEYS}
+        rules.append(Rule(index, name, _replace(base, where, settings)))
+    return tuple(rules)
