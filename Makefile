@@ -1,5 +1,5 @@
 # Named for what they do; every target works on a fresh clone.
-.PHONY: install run demo test lint bench-throughput bench-relevance bench-overhead es-start es-stop clean
+.PHONY: install run demo test lint helm bench-throughput bench-relevance bench-overhead es-start es-stop clean
 
 install:            ## create .venv and install the proxy with its test tools
 	bash scripts/install.sh
@@ -17,6 +17,9 @@ lint: install       ## ruff + strict mypy
 	.venv/bin/ruff check proxy tests benchmarks
 	.venv/bin/ruff format --check proxy tests benchmarks
 	.venv/bin/mypy
+
+helm: install       ## lint and render the Helm chart (deploy/helm/rerank-proxy); builds helm once (scripts/helm.sh)
+	.venv/bin/python -m pytest -q tests/test_helm.py
 
 bench-throughput: install   ## engine vs naive loop, latency at 1/8/32 clients (benchmarks/README.md)
 	.venv/bin/python benchmarks/throughput.py $(ARGS)

@@ -12,7 +12,8 @@
 set -euo pipefail
 
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
-BIN_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/rerank-proxy/bin/helm-${HELM_VERSION}"
+CACHE_BIN="${XDG_CACHE_HOME:-$HOME/.cache}/rerank-proxy/bin"
+BIN_DIR="$CACHE_BIN/helm-${HELM_VERSION}"
 HELM="$BIN_DIR/helm"
 
 if [[ -x "$HELM" ]] && [[ "$("$HELM" version --template '{{.Version}}' 2>/dev/null)" == "$HELM_VERSION" ]]; then
@@ -29,10 +30,10 @@ if [[ -z "$GO" ]]; then
     exit 1
 fi
 
-mkdir -p "$BIN_DIR"
+mkdir -p "$CACHE_BIN"
 # Build into a temporary folder and move the binary into place, so an interrupted build never
 # leaves a half-written helm where the next run would take it.
-tmp="$(mktemp -d "$BIN_DIR/.build.XXXXXX")"
+tmp="$(mktemp -d "$CACHE_BIN/.helm-build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 echo "scripts/helm.sh: building helm ${HELM_VERSION} with $("$GO" version) (once per machine)..." >&2
 start=$SECONDS
@@ -60,6 +61,7 @@ if ! GOBIN="$tmp" CGO_ENABLED=0 "$GO" install -trimpath -ldflags "$ldflags" \
     echo "scripts/helm.sh: go install helm.sh/helm/v3/cmd/helm@${HELM_VERSION} failed" >&2
     exit 1
 fi
+mkdir -p "$BIN_DIR"
 mv -f "$tmp/helm" "$HELM"
 echo "scripts/helm.sh: built $HELM in $((SECONDS - start))s" >&2
 echo "$HELM"
