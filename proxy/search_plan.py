@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from .config import RerankConfig
+from .config import DEFAULT_MODEL, Config, RerankConfig
 from .errors import BadRequest
 from .fusion import Fusion
 from .query_text import extract_query_text, lucene_to_text, text_at_path
+from .rules import Mixed, choose, default_rule
 from .source_filter import (
     SOURCE_PARAMS,
     SourceFilter,
@@ -81,6 +82,7 @@ class RerankPlan:
     relevant: dict[str, int] | None = None
     filter_path: str | None = None  # the client's, applied by the proxy to the final answer
     fusion: Fusion = field(default_factory=Fusion)  # how the model's and ES's orders combine
+    model: str = DEFAULT_MODEL  # the name of the model that scores it (its rule's)
 
 
 def search_endpoint(method: str, path: str) -> str | None:
@@ -213,14 +215,32 @@ def _stored_fields_hide_source(body: dict[str, Any], params: dict[str, str]) -> 
     return stored and not explicit
 
 
+def plan_request(
+    params: Sequence[tuple[str, str]],
+    body: dict[str, Any] | None,
+    cfg: Config,
+    overrides: Overrides,
+    engine: Engine,
+    indices: str | Sequence[str] | None,
+) -> Passthrough | RerankPlan:
+    """:func:`plan_search` under the rule the searched ``indices`` pick (:mod:`proxy.rules`): its
+    settings and its model. The one place a search meets its rule, for every search API."""
+    choice = choose(indices, cfg.rules, default_rule(cfg.rerank))
+    if isinstance(choice, Mixed):
+        return Passthrough(choice.reason)
+    return plan_search(params, body, choice.rule.rerank, overrides, engine, choice.rule.model)
+
+
 def plan_search(
     params: Sequence[tuple[str, str]],
     body: dict[str, Any] | None,
     cfg: RerankConfig,
     overrides: Overrides,
     engine: Engine = "elasticsearch",
+    model: str = DEFAULT_MODEL,
 ) -> Passthrough | RerankPlan:
-    """Rerank, or say why not. ``body`` is the parsed JSON body with the override key removed."""
+    """Rerank, or say why not. ``body`` is the parsed JSON body with the override key removed;
+    ``cfg`` the search's effective settings and ``model`` the name of the model that will score it."""
     q = dict(params)
     src = body or {}
     if not cfg.enabled or overrides.enabled is False:  # a request can turn reranking off, never on
@@ -292,4 +312,5 @@ def plan_search(
         overrides.relevant,
         q.get("filter_path"),
         fusion_of(cfg, overrides.fusion),
+        model,
     )
