@@ -80,6 +80,8 @@ def offline_fallback(
     rerank = cfg.rerank
     if not rerank.enabled or "rerank.model" in explicit or rerank.model != DEFAULT_MODEL:
         return None
+    if rerank.backend != "local":  # a remote server scores: the model is its name there, not a download
+        return None
     if cached_locally(rerank.model):
         return None
     offline = hub_offline_by_env(env)

@@ -1,10 +1,11 @@
 """What the HTTP side calls to score passages, and how it reaches the batching queue.
 
-The HTTP side sees only the :class:`Scorer` protocol: ``await score(query, passages)``. The one
+The HTTP side sees only the :class:`Scorer` protocol: ``await score(query, passages)``. The local
 implementation, :class:`EngineScorer`, looks passages up in the optional score cache, tokenizes the
 rest on a tokenizer thread, submits the items to the model's :class:`~proxy.batching.BatchQueue`
 and turns the model's per-item results into one score per passage. Each scorer kind (cross-encoder,
-bi-encoder) is a :class:`Model`: how to tokenize a search and how to run one batch.
+bi-encoder) is a :class:`Model`: how to tokenize a search and how to run one batch. With a remote
+``rerank.backend``, :class:`~proxy.remote.RemoteScorer` sends the passages to an inference server.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 from .batching import BatchLimits, BatchQueue, batch_size_for
 from .config import RerankConfig
+from .remote import open_remote_scorer
 from .runtime import ModelLoadError, empty_device_cache, out_of_memory_errors, usable_cores
 from .score_cache import ScoreCache
 
@@ -196,8 +198,11 @@ def warm_up_error(cfg: RerankConfig, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"rerank.model: {cfg.model!r} failed on a warm-up batch: {first}")
 
 
-async def load_scorer(cfg: RerankConfig) -> EngineScorer:
-    """Load and warm the model off the event loop, then put it behind its batching queue."""
+async def load_scorer(cfg: RerankConfig) -> Scorer:
+    """Load and warm the model off the event loop, then put it behind its batching queue; with a
+    remote ``rerank.backend`` nothing is loaded here, the server at ``rerank.backend_url`` scores."""
+    if cfg.backend != "local":
+        return await open_remote_scorer(cfg)
     model = await asyncio.to_thread(build_model, cfg)
     log.info("scorer %s (%s) ready", model.name, model.kind)
     # A bi-encoder caches passage embeddings itself, which serves every query; a score cache on top
