@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from .admin import LIFECYCLE_KEY, Lifecycle
 from .config import DEFAULT_MODEL, Config
 from .errors import ProxyError, es_error_body
+from .metrics import METRICS_KEY, Metrics, record_middleware
 from .outcome import REASON_HEADER, STATUS_HEADER, TOOK_HEADER
 from .relay import read_body, relay_streamed
 from .scorer import Scorer, load_scorer
@@ -76,8 +77,10 @@ def stats_body(app: web.Application) -> dict[str, Any]:
 
 def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
     """The proxy app; ``scorer`` replaces the configured model (tests inject fakes here)."""
-    app = web.Application(middlewares=[error_middleware])  # body limit: read_body, streaming
+    # The record middleware is outermost: it sees the answer the error middleware renders.
+    app = web.Application(middlewares=[record_middleware, error_middleware])  # body limit: read_body
     app[CONFIG_KEY] = cfg
+    app[METRICS_KEY] = Metrics(lambda: app.get(SCORERS_KEY, {}))
     app[STATS_KEY] = ProxyStats()
     app[LIFECYCLE_KEY] = Lifecycle()
 

@@ -85,6 +85,10 @@ class BatchLimits:
     max_queued: int  # items admitted and not yet scored, across all jobs
 
 
+# Upper bounds (seconds) of the queue-wait histogram's buckets; one more bucket holds longer waits.
+WAIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 @dataclass
 class QueueStats:
     """Counters since start; ``queued`` is the current depth. Read by tests, benchmarks and metrics."""
@@ -102,6 +106,11 @@ class QueueStats:
     real_tokens: int = 0
     padded_tokens: int = 0
     forward_seconds: float = 0.0
+    # Jobs by how long they waited from submission until their first item entered a batch, one count
+    # per WAIT_BUCKETS_S bucket (not cumulative) plus one for longer waits, and the waits' sum: what
+    # the metrics serve as a histogram, kept here so that no wait before the first scrape is lost.
+    wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS_S) + 1))
+    wait_seconds: float = 0.0
     batch_shapes: list[tuple[int, int]] = field(default_factory=list)  # (items, longest), last 1000
 
     def record(self, n: int, longest: int, real: int, seconds: float) -> None:
@@ -112,6 +121,10 @@ class QueueStats:
         self.forward_seconds += seconds
         self.batch_shapes.append((n, longest))
         del self.batch_shapes[:-1000]
+
+    def record_wait(self, seconds: float) -> None:
+        self.wait_counts[bisect.bisect_left(WAIT_BUCKETS_S, seconds)] += 1
+        self.wait_seconds += seconds
 
 
 def batch_size_for(longest: int, limits: BatchLimits) -> int:
@@ -169,6 +182,7 @@ class _Job(Generic[T, R]):
         "remaining",
         "results",
         "seq",
+        "started",
         "tokens",
     )
 
@@ -192,6 +206,7 @@ class _Job(Generic[T, R]):
         self.deadline = deadline
         self.seq = seq
         self.enqueued = time.monotonic()
+        self.started = False  # an item of it has entered a batch (its queue wait is recorded)
 
     def key(self) -> tuple[float, int]:
         return self.deadline, self.seq
@@ -378,6 +393,7 @@ class BatchQueue(Generic[T, R]):
         lim = self.limits
         batch: list[tuple[_Job[T, R], int]] = []
         longest = 0
+        now = time.monotonic()
         for job in self._jobs:
             keep: list[int] = []
             for i in job.pending:
@@ -388,6 +404,9 @@ class BatchQueue(Generic[T, R]):
                     longest = widest
                 else:
                     keep.append(i)
+            if not job.started and len(keep) < len(job.pending):
+                job.started = True
+                self.stats.record_wait(now - job.enqueued)
             job.pending = keep
             if len(batch) >= lim.max_batch_pairs or (len(batch) + 1) * longest > lim.max_batch_tokens:
                 break

@@ -32,7 +32,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import es_json
+from . import es_json, request_record
 from .batching import Shed
 from .config import Config
 from .errors import ProxyError, RerankFailed
@@ -379,13 +379,17 @@ class SearchPipeline:
                 log.warning("reranking skipped (%s): %s", exc.reason, exc)
                 outcome = skipped(exc.reason)
         outcome = Outcome(outcome.status, outcome.reason, (time.perf_counter() - started) * 1000)
+        if present:  # the scorer was called
+            request_record.note_scoring(outcome.took_ms or 0.0)
         if scores is not None and plan.relevant is not None:
             self._track_relevance(plan.relevant, data, plan, scores)
         apply_order(data, plan, scores)
         return self._count(outcome)
 
     def _count(self, outcome: Outcome) -> Outcome:
+        """The one place each (sub-)search's outcome is counted: the stats and the request's record."""
         self.stats.outcome(outcome.status, outcome.reason)
+        request_record.note_search(outcome.status, outcome.reason)
         return outcome
 
     async def _ask(self, method: str, target: str, headers: CIMultiDict[str], body: bytes) -> Answer:

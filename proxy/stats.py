@@ -92,5 +92,6 @@ class ProxyStats:
         if queue is not None:
             stats = asdict(queue)
             stats.pop("batch_shapes", None)
+            stats.pop("wait_counts", None)  # a histogram's buckets: served at /metrics
             out["queue"] = stats
         return out

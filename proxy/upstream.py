@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from yarl import URL
 
 from .config import UpstreamConfig, mask_url
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+from .request_record import note_upstream
 
 Body = bytes | AsyncIterable[bytes] | None
 UPSTREAM_MAX_FIELD_BYTES = 64 * 1024  # one header line of Elasticsearch's answers, at most
@@ -152,9 +154,11 @@ class Upstream:
         ``server.max_body_bytes``, undecodable), aiohttp reports a connection error caused by that
         refusal: the refusal is what the client gets.
         """
+        started, error = time.perf_counter(), None
         try:
             yield
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            error = "timeout"
             key, limit = (
                 ("passthrough_timeout_s", self._cfg.passthrough_timeout_s)
                 if passthrough
@@ -167,7 +171,10 @@ class Upstream:
             refused = _proxy_cause(exc)
             if refused is not None:
                 raise refused from exc
+            error = "unavailable"
             raise UpstreamUnavailable(f"{doing}: {_why(exc)}") from exc
+        finally:  # the request's record: time waiting for Elasticsearch, and how it failed
+            note_upstream(time.perf_counter() - started, error)
 
     @asynccontextmanager
     async def stream(
@@ -201,6 +208,8 @@ class Upstream:
                 allow_redirects=False,
                 timeout=self._passthrough_timeout if passthrough else self.session.timeout,
             )
+        if resp.status >= 500 or resp.status == 429:
+            note_upstream(0.0, "http_429" if resp.status == 429 else "http_5xx")
         try:
             yield resp
         finally:
@@ -213,6 +222,26 @@ class Upstream:
             with self._translated("Elasticsearch dropped the connection", passthrough=False):
                 data = await resp.read()
             return UpstreamResponse(resp.status, resp.headers, data)
+
+    async def reachable(self, timeout_s: float) -> str | None:
+        """None when Elasticsearch answers ``GET /`` within ``timeout_s`` with any HTTP status (the
+        integ-test distribution's 405, a 401 without credentials: each proves it is there), else why
+        not. For the admin listener's readiness check; the answer's body is never read."""
+        headers = CIMultiDict[str]()
+        if self._default_auth is not None:
+            headers["Authorization"] = self._default_auth
+        try:
+            async with self.session.get(
+                self._url("/"),
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ):
+                return None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return f"Elasticsearch at {mask_url(self.base)} did not answer within {timeout_s}s"
+        except aiohttp.ClientError as exc:
+            return f"cannot reach Elasticsearch at {mask_url(self.base)}: {_why(exc)}"
 
     async def relay_chunks(
         self, resp: aiohttp.ClientResponse, *, passthrough: bool = False

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
+from proxy.admin import create_admin_app
 from proxy.app import create_app
 from proxy.batching import BatchLimits, DeadlineMissed, WaitTooLong
 from proxy.config import Config, RerankConfig, ServerConfig, UpstreamConfig
@@ -102,6 +103,12 @@ class Upstream:
 
 
 Factory = Callable[..., Awaitable[tuple[TestClient[web.Request, web.Application], Upstream]]]
+
+
+async def admin_stats(client: TestClient[web.Request, web.Application]) -> Any:
+    """``GET /_rerank/stats`` from the admin app of the proxy app ``client`` serves."""
+    async with TestClient(TestServer(create_admin_app(client.app))) as admin:
+        return await (await admin.get("/_rerank/stats")).json()
 
 
 @pytest.fixture
@@ -446,7 +453,7 @@ async def test_judged_searches_track_relevance_of_both_orders(make_proxy: Factor
     await client.post("/i/_search", json={"query": query, "_rerank": {"relevant": {"0": 2, "5": 1}}})
     await client.post("/i/_search", json={"query": query})  # unjudged: counted, not tracked
     await client.post("/i/_search", json={"query": query, "sort": ["n"]})  # not reranked
-    stats = await (await client.get("/_rerank/stats")).json()
+    stats = await admin_stats(client)
     assert stats["searches"] == {"reranked": 3, "skipped": {"sort": 1}}
     rel = stats["relevance"]
     assert rel["judged_searches"] == 2
@@ -477,6 +484,6 @@ async def test_stats_show_the_queue_of_a_real_engine(make_proxy: Factory) -> Non
     model.gate.set()
     client, _ = await make_proxy(scorer, top_k=10)
     await client.post("/i/_search", json={"query": {"match": {"text": "q"}}})
-    stats = await (await client.get("/_rerank/stats")).json()
+    stats = await admin_stats(client)
     assert stats["queue"]["items"] == 10 and stats["queue"]["queued"] == 0 and stats["model"] == "gated"
     await scorer.aclose()
