@@ -8,7 +8,7 @@ Searches go to the search pipeline (:mod:`proxy.search`); every other request is
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -19,9 +19,10 @@ from .admin import LIFECYCLE_KEY, Lifecycle
 from .config import DEFAULT_MODEL, Config
 from .errors import ProxyError, es_error_body
 from .metrics import METRICS_KEY, Metrics, record_middleware
+from .models import close_models, load_models
 from .outcome import REASON_HEADER, STATUS_HEADER, TOOK_HEADER
 from .relay import read_body, relay_streamed
-from .scorer import Scorer, load_scorer
+from .scorer import Scorer
 from .search import SearchPipeline
 from .search_plan import search_endpoint
 from .stats import ProxyStats
@@ -75,8 +76,11 @@ def stats_body(app: web.Application) -> dict[str, Any]:
     return body
 
 
-def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
-    """The proxy app; ``scorer`` replaces the configured model (tests inject fakes here)."""
+def create_app(
+    cfg: Config, scorer: Scorer | None = None, scorers: Mapping[str, Scorer] | None = None
+) -> web.Application:
+    """The proxy app. Tests inject fakes in place of the configured models: ``scorer`` as the default
+    model, ``scorers`` by model name (both given: ``scorer`` is the default)."""
     # The record middleware is outermost: it sees the answer the error middleware renders.
     app = web.Application(middlewares=[record_middleware, error_middleware])  # body limit: read_body
     app[CONFIG_KEY] = cfg
@@ -85,16 +89,16 @@ def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
     app[LIFECYCLE_KEY] = Lifecycle()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        own = scorer is None and cfg.rerank.enabled
-        app[SCORERS_KEY] = {}
+        own = scorer is None and scorers is None
+        loaded: dict[str, Scorer] = dict(scorers or {})
         if scorer is not None:
-            app[SCORERS_KEY][DEFAULT_MODEL] = scorer
-        elif cfg.rerank.enabled:  # disabled in config means a plain proxy: no model is loaded
-            app[SCORERS_KEY][DEFAULT_MODEL] = await load_scorer(cfg.rerank)
-        # After the model: a model that fails to load must not leave an unclosed client session.
+            loaded[DEFAULT_MODEL] = scorer
+        if own:  # every model a search can reach; none when reranking is off everywhere
+            loaded = await load_models(cfg.models_in_use())
+        app[SCORERS_KEY] = loaded
+        # After the models: a model that fails to load must not leave an unclosed client session.
         app[UPSTREAM_KEY] = Upstream(cfg.upstream)
-        default = app[SCORERS_KEY].get(DEFAULT_MODEL)
-        app[SEARCH_KEY] = SearchPipeline(cfg, app[UPSTREAM_KEY], default, app[STATS_KEY])
+        app[SEARCH_KEY] = SearchPipeline(cfg, app[UPSTREAM_KEY], loaded, app[STATS_KEY])
         app[LIFECYCLE_KEY].ready = True
         try:
             yield
@@ -103,8 +107,7 @@ def create_app(cfg: Config, scorer: Scorer | None = None) -> web.Application:
             await app[SEARCH_KEY].aclose()
             await app[UPSTREAM_KEY].close()
             if own:
-                for owned in app[SCORERS_KEY].values():
-                    await owned.aclose()
+                await close_models(loaded)
 
     app.cleanup_ctx.append(resources)
     app.router.add_route("*", "/{tail:.*}", handle)

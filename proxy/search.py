@@ -25,6 +25,7 @@ import gzip
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ from .outcome import (
     skipped,
 )
 from .relay import relay, request_headers, upstream_target, without_params
+from .rules import item_indices, path_indices
 from .scorer import Scorer
 from .search_plan import (
     MSEARCH,
@@ -56,7 +58,7 @@ from .search_plan import (
     Passthrough,
     RerankPlan,
     parse_overrides,
-    plan_search,
+    plan_request,
 )
 from .search_response import apply_order, candidates, reranked_ids
 from .shadow import ShadowComparisons, in_sample
@@ -134,22 +136,21 @@ def _search_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
 
 
 class SearchPipeline:
-    """One per app: the upstream, the scorer and the counters every search shares."""
+    """One per app: the upstream, the scorers (by model name) and the counters every search shares."""
 
-    def __init__(self, cfg: Config, upstream: Upstream, scorer: Scorer | None, stats: ProxyStats) -> None:
+    def __init__(
+        self, cfg: Config, upstream: Upstream, scorers: Mapping[str, Scorer], stats: ProxyStats
+    ) -> None:
         self.cfg = cfg
         self.upstream = upstream
-        self.scorer = scorer
+        self.scorers = scorers
         self.stats = stats
         self.engine: Engine | None = None  # learnt from the first answer, see _engine
-        self._background: set[asyncio.Task[None]] = set()  # shadow comparisons under way
-        self.comparisons = ShadowComparisons(self._score, stats)
+        self.comparisons = ShadowComparisons(self._score, self._fetch, stats)
 
     async def aclose(self) -> None:
-        """Stop shadow comparisons still under way (before the scorer closes under them)."""
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        """Stop shadow comparisons still under way (before the scorers close under them)."""
+        await self.comparisons.aclose()
 
     def _sampled(self, request: web.Request) -> bool:
         """The A/B split (``rerank.sample_rate``): False puts the request in the control group,
@@ -225,7 +226,8 @@ class SearchPipeline:
             target = without_params(without_template(target), frozenset(TEMPLATE_FLAGS))
 
         engine = await self._engine(headers)
-        plan = plan_search(list(request.query.items()), body, self.cfg.rerank, overrides, engine)
+        indices = path_indices(request.rel_url.raw_path)
+        plan = plan_request(list(request.query.items()), body, self.cfg, overrides, engine, indices)
         if isinstance(plan, Passthrough):
             return await self._relay(request, original, headers, [skipped(plan.reason)])
         if self.cfg.rerank.mode == "shadow":
@@ -274,9 +276,10 @@ class SearchPipeline:
             bodies, target = [r for r in rendered if r is not None], without_template(target)
 
         engine = await self._engine(headers)
+        url_indices = path_indices(request.rel_url.raw_path)
         items = [
-            Item(plan_search([], body, self.cfg.rerank, over, engine), body)
-            for body, over in zip(bodies, overrides, strict=True)
+            Item(plan_request([], body, self.cfg, over, engine, item_indices(p.header, url_indices)), body)
+            for p, body, over in zip(pairs, bodies, overrides, strict=True)
         ]
         if self.cfg.rerank.mode == "shadow" and any(isinstance(item.plan, RerankPlan) for item in items):
             lines = [pair.header_line for pair in pairs]
@@ -367,7 +370,7 @@ class SearchPipeline:
             outcome = skipped("no_passage_text")
         else:
             try:
-                found = await self._score(plan.query, [texts[i] for i in present])
+                found = await self._score(plan, [texts[i] for i in present])
                 model: list[float | None] = [None] * len(texts)
                 for i, score in zip(present, found, strict=True):
                     model[i] = score
@@ -464,51 +467,26 @@ class SearchPipeline:
         multi = header_lines is not None
         extra = _with_variant(request, multi_headers(outcomes) if multi else outcomes[0].headers())
         response = await relay(self.upstream, request, original or None, headers, extra)
-        chosen = [(i, p) for i, p in enumerate(plans) if isinstance(p, RerankPlan)]
-        if response.status != 200 or not chosen:
-            return response
-        if header_lines is not None:
-            body = write_pairs((header_lines[i], p.body) for i, p in chosen)
-            widened = without_params(target, frozenset({"filter_path"}))
-        else:
-            body, widened = (
-                orjson.dumps(chosen[0][1].body),
-                without_params(target, chosen[0][1].dropped_params),
-            )
-        fetch = self._shadow_candidates(request.method, widened, headers, body, [p for _, p in chosen], multi)
-        task = asyncio.create_task(fetch)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        if response.status == 200:
+            self.comparisons.start(request.method, target, headers, plans, header_lines)
         return response
 
-    async def _shadow_candidates(
-        self,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: bytes,
-        plans: list[RerankPlan],
-        multi: bool,
-    ) -> None:
-        try:
-            answer = await self._ask(method, target, headers, body)
-        except ProxyError as exc:
-            log.info("shadow comparison dropped: %s", exc.reason)
-            self.stats.shadow.dropped += len(plans)
-            return
-        data = answer.json() if answer.status == 200 else None
-        answers = (data.get("responses") if isinstance(data, dict) else None) if multi else [data]
-        await self.comparisons.compare(plans, answers)
+    async def _fetch(self, method: str, target: str, headers: CIMultiDict[str], body: bytes) -> Any:
+        """Elasticsearch's parsed answer to a widened search; None unless it is a readable 200."""
+        answer = await self._ask(method, target, headers, body)
+        return answer.json() if answer.status == 200 else None
 
-    async def _score(self, query: str, texts: list[str]) -> list[float]:
-        """Scores for the passages; any failure becomes :class:`RerankFailed` so the search survives."""
+    async def _score(self, plan: RerankPlan, texts: list[str]) -> list[float]:
+        """The plan's model's scores for the passages; any failure becomes :class:`RerankFailed` so the
+        search survives."""
         if not texts:
             return []
-        if self.scorer is None:
-            raise RerankFailed("rerank_error", "no scorer is loaded")
+        scorer = self.scorers.get(plan.model)
+        if scorer is None:
+            raise RerankFailed("rerank_error", f"no scorer is loaded for model {plan.model!r}")
         timeout_ms = self.cfg.rerank.timeout_ms
         try:
-            scores = await asyncio.wait_for(self.scorer.score(query, texts), timeout_ms / 1000)
+            scores = await asyncio.wait_for(scorer.score(plan.query, texts), timeout_ms / 1000)
         except TimeoutError as exc:
             raise RerankFailed("rerank_timeout", f"scoring took over {timeout_ms} ms") from exc
         except Shed as exc:  # answered without scoring: overloaded, queue_wait or deadline

@@ -18,8 +18,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import RerankFailed
-from .search_plan import RerankPlan
+import orjson
+from multidict import CIMultiDict
+
+from .errors import ProxyError, RerankFailed
+from .ndjson import write_pairs
+from .relay import without_params
+from .search_plan import Passthrough, RerankPlan
 from .search_response import passage_text
 
 if TYPE_CHECKING:
@@ -74,14 +79,76 @@ def in_sample(key: str | None, rate: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < rate
 
 
-class ShadowComparisons:
-    """Scores the head serving would rerank, through the same scorer and queue as served searches
-    (``score`` raises :class:`RerankFailed` when the queue is full or the model fails: the comparison
-    is dropped), and records how the model's order differs."""
+# Sends a widened search (method, target, headers, body) and gives Elasticsearch's parsed answer, None
+# unless a readable 200; raises ProxyError when the cluster cannot be reached.
+Fetch = Callable[[str, str, CIMultiDict[str], bytes], Awaitable[Any]]
 
-    def __init__(self, score: Callable[[str, list[str]], Awaitable[list[float]]], stats: ProxyStats) -> None:
+
+class ShadowComparisons:
+    """Fetches, after the client has its answer, the head serving would rerank and scores it through
+    the same scorers and queues as served searches (``score`` raises :class:`RerankFailed` when a queue
+    is full or a model fails: the comparison is dropped), and records how the model's order differs."""
+
+    def __init__(
+        self,
+        score: Callable[[RerankPlan, list[str]], Awaitable[list[float]]],
+        fetch: Fetch,
+        stats: ProxyStats,
+    ) -> None:
         self._score = score
+        self._fetch = fetch
         self._stats = stats
+        self._background: set[asyncio.Task[None]] = set()  # comparisons under way
+
+    def start(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        plans: Sequence[RerankPlan | Passthrough],
+        header_lines: Sequence[bytes] | None = None,
+    ) -> None:
+        """Compare, in the background, the plans that would have been reranked: their widened searches
+        go up in one request to ``target`` (the client's URL), as one ``_msearch`` when
+        ``header_lines`` (one per plan) are given."""
+        chosen = [(i, p) for i, p in enumerate(plans) if isinstance(p, RerankPlan)]
+        if not chosen:
+            return
+        if header_lines is not None:
+            body = write_pairs((header_lines[i], p.body) for i, p in chosen)
+            widened = without_params(target, frozenset({"filter_path"}))
+        else:
+            body = orjson.dumps(chosen[0][1].body)
+            widened = without_params(target, chosen[0][1].dropped_params)
+        multi = header_lines is not None
+        fetched = self._fetched(method, widened, headers, body, [p for _, p in chosen], multi)
+        task = asyncio.create_task(fetched)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        """Stop the comparisons still under way (before the scorers close under them)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _fetched(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        plans: list[RerankPlan],
+        multi: bool,
+    ) -> None:
+        try:
+            data = await self._fetch(method, target, headers, body)
+        except ProxyError as exc:
+            log.info("shadow comparison dropped: %s", exc.reason)
+            self._stats.shadow.dropped += len(plans)
+            return
+        answers = (data.get("responses") if isinstance(data, dict) else None) if multi else [data]
+        await self.compare(plans, answers)
 
     async def compare(self, plans: list[RerankPlan], answers: Any) -> None:
         """``answers``: Elasticsearch's answers to the plans' widened searches, one per plan."""
@@ -99,7 +166,7 @@ class ShadowComparisons:
             self._stats.shadow.unscorable += 1
             return
         try:
-            scores = await self._score(plan.query, [passage_text(h, plan.fields) for h in readable])
+            scores = await self._score(plan, [passage_text(h, plan.fields) for h in readable])
         except RerankFailed as exc:
             log.info("shadow comparison dropped (%s): %s", exc.reason, exc)
             self._stats.shadow.dropped += 1
