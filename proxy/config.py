@@ -703,5 +703,10 @@ def _rules(raw: Any, rerank: RerankConfig, models: Mapping[str, RerankConfig]) -
         # The search settings start from the rerank section, not from the model's entry.
         base = dataclasses.replace(base, **{k: getattr(rerank, k) for k in RULE_KEYS})
         settings = {k: v for k, v in body.items() if k in RULE_KEYS}
+        top_k = settings.get("top_k")
+        if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > rerank.max_top_k:
+            # max_top_k is the rerank section's, so the rule's top_k is what must change
+            why = f"must be <= rerank.max_top_k ({rerank.max_top_k})"
+            raise ConfigError(f"{where}.top_k: {why} (got {top_k!r})")
         rules.append(Rule(index, name, _replace(base, where, settings)))
     return tuple(rules)
