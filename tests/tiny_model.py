@@ -51,8 +51,11 @@ def _bert_config(vocab_size: int, **kw: object) -> object:
 
 
 def build_tiny_cross_encoder(
-    folder: Path, corpus: Iterable[str], *, num_labels: int = 1, seed: int = 0
+    folder: Path, corpus: Iterable[str], *, num_labels: int = 1, seed: int = 0, head_std: float = 5.0
 ) -> Path:
+    """``head_std``: the spread of the classification head's weights. The default spreads logits far
+    apart (see :func:`_bert_config`); a server that answers with sigmoid scores, as infinity-emb does,
+    would flatten such logits into ties at 1.0, so it is served a model with a small head."""
     import torch
     from transformers import BertForSequenceClassification
 
@@ -60,7 +63,7 @@ def build_tiny_cross_encoder(
     torch.manual_seed(seed)
     model = BertForSequenceClassification(_bert_config(vocab, num_labels=num_labels)).eval()  # type: ignore[arg-type]
     with torch.no_grad():
-        model.classifier.weight.normal_(0.0, 5.0)
+        model.classifier.weight.normal_(0.0, head_std)
     model.save_pretrained(folder)
     return folder
 
