@@ -1,5 +1,5 @@
 # Named for what they do; every target works on a fresh clone.
-.PHONY: install run demo test lint helm bench-throughput bench-relevance bench-overhead es-start es-stop clean
+.PHONY: install infinity run demo test lint helm bench-throughput bench-relevance bench-overhead es-start es-stop clean
 
 install:            ## create .venv and install the proxy with its test tools
 	bash scripts/install.sh
@@ -10,8 +10,11 @@ run:                ## install, start a local Elasticsearch if none is configure
 demo: install       ## one question asked of Elasticsearch and of the proxy, side by side (starts what it needs)
 	.venv/bin/python scripts/demo.py $(ARGS)
 
-test: install       ## the whole test suite (starts real Elasticsearch 8/9 and OpenSearch 2/3; one alone: PYTEST_ARGS="-m os3")
+test: install infinity   ## the whole test suite (starts real Elasticsearch 8/9 and OpenSearch 2/3, and infinity-emb; one alone: PYTEST_ARGS="-m os3")
 	.venv/bin/python -m pytest -rs $(PYTEST_ARGS)
+
+infinity: install   ## .venv-infinity: infinity-emb, the rerank server the remote-backend tests run (kept in ~/.cache once per machine)
+	bash scripts/infinity.sh >/dev/null
 
 lint: install       ## ruff + strict mypy
 	.venv/bin/ruff check proxy tests benchmarks
@@ -41,5 +44,5 @@ es-start:           ## a local Elasticsearch on 127.0.0.1:9200
 es-stop:
 	bash scripts/elasticsearch.sh stop
 
-clean:
+clean:               ## .venv-infinity is a link: the environment it names stays in the user's cache
 	rm -rf .venv .venv-infinity build *.egg-info .pytest_cache .mypy_cache .ruff_cache
