@@ -300,9 +300,9 @@ async def open_remote_scorer(cfg: RerankConfig) -> RemoteScorer:
         refused = isinstance(exc, RemoteError) and exc.status in (401, 403)
         option = "rerank.backend_api_key" if refused else "rerank.backend_url"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        detail = first.replace(f"{scorer.where}: ", "").replace(f"{scorer.where} ", "")  # named once
         raise ModelLoadError(
-            f"{option}: the {cfg.backend} rerank server at {scorer.where} did not answer a rerank call: "
-            f"{first}"
+            f"{option}: a rerank call to the {cfg.backend} server at {scorer.where} failed: {detail}"
         ) from exc
     except BaseException:
         await scorer.aclose()

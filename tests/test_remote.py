@@ -31,6 +31,7 @@ from proxy.runtime import ModelLoadError
 from proxy.scorer import load_scorer
 
 from .conftest import free_port
+from .test_startup_errors import _env, start_up_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KEY = "sk-test-9f8e7d6c5b4a"
@@ -379,7 +380,9 @@ async def test_a_server_down_at_start_stops_start_up_naming_backend_url() -> Non
     with pytest.raises(ModelLoadError) as caught:
         await open_remote_scorer(RerankConfig(backend="tei", backend_url=url, backend_api_key=KEY))
     message = str(caught.value)
-    assert message.startswith("rerank.backend_url: the tei rerank server at http://user:***@127.0.0.1:")
+    assert message.startswith(
+        "rerank.backend_url: a rerank call to the tei server at http://user:***@127.0.0.1:"
+    )
     assert "\n" not in message and "pw" not in message and "abc" not in message and KEY not in message
 
 
@@ -410,3 +413,15 @@ def test_the_offline_fallback_model_never_replaces_a_remote_servers_model() -> N
     assert offline_fallback(remote, frozenset(), {"HF_HUB_OFFLINE": "1"}) is None
     # The same default model with the local backend does fall back (the dev extra brings the package).
     assert offline_fallback(Config(), frozenset(), {"HF_HUB_OFFLINE": "1"}) is not None
+
+
+def test_the_command_stops_in_one_line_when_the_remote_server_is_down() -> None:
+    port = free_port()
+    env = _env(
+        RERANK_PROXY_RERANK_BACKEND="cohere",
+        RERANK_PROXY_RERANK_BACKEND_URL=f"http://127.0.0.1:{port}/rerank",
+        RERANK_PROXY_RERANK_BACKEND_API_KEY=KEY,
+        RERANK_PROXY_SERVER_ADMIN_PORT="0",  # no admin listener: its fixed port may be taken here
+    )
+    line = start_up_error([], 1, "rerank.backend_url", f"127.0.0.1:{port}/rerank", env=env)
+    assert KEY not in line, line
