@@ -156,36 +156,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(render_config(cfg), end="")
         return 0
 
-    from .server import configure_logging, run
+    from .server import ListenError, configure_logging, run
 
-    configure_logging(cfg.server.log_level)
+    configure_logging(cfg.server.log_level, cfg.server.log_format)
     from .app import create_app
     from .first_run import offline_fallback
     from .scorer import ModelLoadError
 
     log = logging.getLogger("proxy")
+
+    def fail(line: str, code: int) -> int:
+        # With JSON logs the failure is a JSON line too; plain, it is the bare line on stderr.
+        if cfg.server.log_format == "json":
+            log.error("%s", line)
+        else:
+            print(line, file=sys.stderr)
+        return code
+
     fallback = offline_fallback(cfg, explicit, env)
     if fallback is not None:
         cfg, line = fallback
         log.warning("%s", line)
+    scheme = "https" if cfg.server.tls_cert_file else "http"
     log.info(
-        "rerank-proxy on http://%s:%d -> %s (model %s)",
+        "rerank-proxy on %s://%s:%d -> %s (model %s)",
+        scheme,
         cfg.server.host,
         cfg.server.port,
         mask_url(cfg.upstream.url),
         cfg.rerank.model if cfg.rerank.enabled else "disabled",
     )
     try:
-        run(create_app(cfg), cfg.server.host, cfg.server.port)
-    except ModelLoadError as exc:
-        print(f"rerank-proxy: {exc}", file=sys.stderr)
-        return 1
+        run(create_app(cfg), cfg.server)
+    except ConfigError as exc:  # the TLS files, read when the listener is built
+        return fail(f"rerank-proxy: configuration error: {exc}", 2)
+    except (ModelLoadError, ListenError) as exc:
+        return fail(f"rerank-proxy: {exc}", 1)
     except OSError as exc:
-        print(
-            f"rerank-proxy: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
-        return 1
+        return fail(f"rerank-proxy: {exc.strerror or exc}", 1)
     return 0
 
 

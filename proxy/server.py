@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -38,19 +39,20 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
+from .access_log import AccessLog, JsonFormatter, PlainFormatter
+from .admin import LIFECYCLE_KEY, create_admin_app
+from .config import ServerConfig
 from .errors import es_error_body
+from .tls import server_tls_context
 
 log = logging.getLogger("proxy")
 
 MAX_LINE_BYTES = 8190  # request line, URL included
 MAX_FIELD_BYTES = 16 * 1024  # one header field; Elasticsearch's http.max_header_size
-# No header directive: Authorization and ApiKey values must never reach a log.
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 
 SETTINGS: dict[str, Any] = {
     # A client that hangs up cancels its handler: its queued pairs and its upstream request go too.
     "handler_cancellation": True,
-    "access_log_format": ACCESS_LOG_FORMAT,
     "max_line_size": MAX_LINE_BYTES,
     "max_field_size": MAX_FIELD_BYTES,
 }
@@ -158,6 +160,24 @@ class ProxyRequestHandler(RequestHandler):
             return status, "proxy_exception", f"internal error in the proxy ({what})"
         return status, "illegal_argument_exception", HTTPStatus(status).phrase
 
+    def data_received(self, data: bytes) -> None:
+        """aiohttp drops every byte that arrives once a graceful shutdown has begun (its ``close()``
+        and ``shutdown()`` flags), so a request whose body was still arriving would wait out the
+        shutdown timeout and be cut. The request in flight keeps receiving its body; the connection
+        still closes after its answer, and a request pipelined behind it is never started."""
+        closing, forced = self._close, self._force_close
+        transport = self.transport
+        draining = closing or forced
+        if draining and self._request_in_progress and transport is not None and not transport.is_closing():
+            self._close = self._force_close = False
+            try:
+                super().data_received(data)
+            finally:
+                self._close = self._close or closing
+                self._force_close = self._force_close or forced
+            return
+        super().data_received(data)
+
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
@@ -185,9 +205,26 @@ class _Server(web.Server):
 
 class ProxyRunner(web.AppRunner):
     """``web.AppRunner`` whose connections are :class:`ProxyRequestHandler` (aiohttp has no setting
-    for the handler class; the runner's server factory is its one extension point)."""
+    for the handler class; the runner's server factory is its one extension point). It counts the
+    requests in its handlers, so a shutdown can say how many it waited for and how many it cut."""
+
+    in_flight = 0  # requests whose handler is running
+    cut = 0  # requests cancelled by a shutdown whose timeout they outlived
+    shutting_down = False
+
+    async def cleanup(self) -> None:
+        self.shutting_down = True
+        await super().cleanup()
+
+    async def _close_when_shutting_down(self, request: web.Request, resp: web.StreamResponse) -> None:
+        """An answer begun during a shutdown says ``Connection: close``: its connection closes after
+        it, and a client that reused it would see its next request fail."""
+        if self.shutting_down:
+            resp.force_close()
+            resp.headers["Connection"] = "close"  # the hook runs after aiohttp chose this header
 
     async def _make_server(self) -> web.Server:
+        self.app.on_response_prepare.append(self._close_when_shutting_down)
         made = await super()._make_server()  # the app started up, its handler and settings
         app_handler = made.request_handler
 
@@ -198,7 +235,15 @@ class ProxyRunner(web.AppRunner):
                 resp = es_error_response(400, "illegal_argument_exception", "HTTP/0.9 is not supported")
                 resp.force_close()
                 return resp
-            return await app_handler(request)
+            self.in_flight += 1
+            try:
+                return await app_handler(request)
+            except asyncio.CancelledError:
+                if self.shutting_down:
+                    self.cut += 1
+                raise
+            finally:
+                self.in_flight -= 1
 
         return _Server(
             handler,
@@ -209,33 +254,134 @@ class ProxyRunner(web.AppRunner):
         )
 
 
-async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """``app`` served on ``host:port``; stop it with ``await runner.cleanup()``."""
-    runner = ProxyRunner(app, **SETTINGS)
+class ListenError(Exception):
+    """A listener that could not open: its address, the option that sets it, and the system's
+    reason (address in use, a port that needs privileges, a host that does not resolve)."""
+
+
+@dataclass
+class Serving:
+    """The app's listeners: the client-facing one and, when ``server.admin_port`` is not 0, the admin
+    one. :meth:`cleanup` is the graceful shutdown, for the command's signals and the tests alike."""
+
+    app: web.Application
+    runner: ProxyRunner
+    admin: web.AppRunner | None
+    shutdown_timeout_s: float
+
+    @property
+    def admin_port(self) -> int | None:
+        """The admin listener's bound port (the tests ask for a free one), ``None`` when it is off."""
+        if self.admin is None:
+            return None
+        return int(self.admin.addresses[0][1])
+
+    def drain(self) -> None:
+        """Readiness fails from now on: a load balancer stops sending before the port closes."""
+        lifecycle = self.app.get(LIFECYCLE_KEY)
+        if lifecycle is not None:
+            lifecycle.draining = True
+
+    async def cleanup(self) -> None:
+        """Stop accepting on the client port at once (new connections are refused), let the requests
+        in flight finish for up to ``shutdown_timeout_s`` (then they are cancelled and their
+        connections cut), close the app's resources (the model queue, the upstream pool), and close
+        the admin listener last, so readiness answers "draining" throughout."""
+        self.drain()
+        in_flight = self.runner.in_flight
+        if in_flight:
+            log.info(
+                "shutting down: %d request(s) in flight, waiting up to %gs",
+                in_flight,
+                self.shutdown_timeout_s,
+            )
+        try:
+            await self.runner.cleanup()
+        finally:
+            if self.runner.cut:
+                log.warning(
+                    "shut down with %d request(s) unfinished after server.shutdown_timeout_s=%gs",
+                    self.runner.cut,
+                    self.shutdown_timeout_s,
+                )
+            if self.admin is not None:
+                await self.admin.cleanup()
+
+
+async def _listen(site: web.TCPSite, host: str, port: int, key: str) -> None:
     try:
+        await site.start()
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port} ({key}): {exc.strerror or exc}") from None
+
+
+async def start(app: web.Application, host: str, port: int, server: ServerConfig | None = None) -> Serving:
+    """``app`` served on ``host:port``, with ``server``'s TLS, access log, shutdown timeout and admin
+    listener (``None``: plain http, no admin listener). Stop it with ``await serving.cleanup()``.
+
+    The TLS context and the admin listener come first, before the app's start-up loads its models:
+    a bad key or a busy admin port ends start-up in a second, not after a model download, and
+    ``/health/live`` answers (``/health/ready`` does not yet) while the model loads. Raises
+    :class:`ConfigError` for the TLS files and :class:`ListenError` for an address."""
+    server = server if server is not None else ServerConfig(admin_port=0, access_log=True)
+    ssl_context = server_tls_context(server)
+    access: dict[str, Any] = {"access_log_class": AccessLog}
+    if not server.access_log:
+        access["access_log"] = None
+    # 0 would be "wait forever" to aiohttp; 1 ms is "do not wait", which is what 0 means here.
+    timeout = max(server.shutdown_timeout_s, 0.001)
+    runner = ProxyRunner(app, shutdown_timeout=timeout, **access, **SETTINGS)
+    admin: web.AppRunner | None = None
+    try:
+        if server.admin_port:
+            admin = web.AppRunner(create_admin_app(app), access_log=None, shutdown_timeout=timeout)
+            await admin.setup()
+            site = web.TCPSite(admin, server.admin_host, server.admin_port)
+            await _listen(site, server.admin_host, server.admin_port, "server.admin_port")
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        await _listen(site, host, port, "server.port")
     except BaseException:
         await runner.cleanup()
+        if admin is not None:
+            await admin.cleanup()
         raise
-    return runner
+    return Serving(app, runner, admin, server.shutdown_timeout_s)
 
 
-def run(app: web.Application, host: str, port: int) -> None:
-    """Serve until SIGINT or SIGTERM, then finish in-flight requests and clean up (the command)."""
-    asyncio.run(_serve(app, host, port))
+def run(app: web.Application, server: ServerConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully (:meth:`Serving.cleanup`)."""
+    asyncio.run(_serve(app, server))
 
 
-async def _serve(app: web.Application, host: str, port: int) -> None:
+async def _serve(app: web.Application, server: ServerConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    serving: Serving | None = None
+
+    def on_signal(number: int) -> None:
+        if serving is not None:
+            serving.drain()  # at once, not after the next loop iteration
+        if not stop.is_set():
+            log.info("%s: draining", signal.Signals(number).name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    runner = await start(app, host, port)
+        loop.add_signal_handler(sig, on_signal, sig)
+    # A signal during start-up (a model still loading) is kept and acted on once serving.
+    serving = await start(app, server.host, server.port, server)
+    log.info("serving: %s", ", ".join(_describe_sites(serving)))
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await serving.cleanup()
+
+
+def _describe_sites(serving: Serving) -> list[str]:
+    names = [site.name for site in serving.runner.sites]
+    if serving.admin is not None:
+        names += [f"admin {site.name}" for site in serving.admin.sites]
+    return names
 
 
 class WithholdRequestBytes(logging.Filter):
@@ -254,8 +400,31 @@ class WithholdRequestBytes(logging.Filter):
         return True
 
 
-def configure_logging(level: str) -> None:
-    """The process's logging: one stderr handler, the request-bytes filter on it."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(WithholdRequestBytes())
+def configure_logging(level: str, log_format: str = "plain") -> None:
+    """The process's logging: one stderr handler, plain or JSON (``server.log_format``), the
+    request-bytes filter on it.
+
+    With JSON, lines that would bypass it are routed through it too: Python's warnings, and the
+    transformers library's own stderr handler (it stops propagating to the root logger when it is
+    imported). Its progress bars are not log lines and are turned off."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else PlainFormatter())
+    handler.addFilter(WithholdRequestBytes())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    if log_format == "json":
+        logging.captureWarnings(True)
+        _adopt_library_loggers()
+
+
+def _adopt_library_loggers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency; a plain proxy may lack it
+        return
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]

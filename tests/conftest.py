@@ -120,13 +120,19 @@ class _BlockedLoop(logging.Handler):
 
 
 class ProxyThread:
-    """The proxy app served on 127.0.0.1:<port> from a thread with its own event loop."""
+    """The proxy app served on 127.0.0.1:<port> from a thread with its own event loop, its admin
+    listener on 127.0.0.1:<another free port> (``admin_url``). https when the configuration names a
+    certificate (``url`` says which)."""
 
     def __init__(self, cfg: Config, scorer: Scorer | None = None) -> None:
         self.port = free_port()
-        self.cfg = replace(cfg, server=replace(cfg.server, port=self.port))
+        self.admin_port = free_port()
+        server = replace(cfg.server, port=self.port, admin_host="127.0.0.1", admin_port=self.admin_port)
+        self.cfg = replace(cfg, server=server)
         self.scorer = scorer
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if server.tls_cert_file else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.loop = asyncio.new_event_loop()
         self.blocked = _BlockedLoop()
         self._ready = threading.Event()
@@ -140,14 +146,14 @@ class ProxyThread:
         try:
             # Served exactly as the command serves it (proxy/server.py).
             app = create_app(self.cfg, scorer=self.scorer)
-            self.runner = self.loop.run_until_complete(serve(app, "127.0.0.1", self.port))
+            self.serving = self.loop.run_until_complete(serve(app, "127.0.0.1", self.port, self.cfg.server))
         except BaseException as exc:  # surfaced by start()
             self._error = exc
             self._ready.set()
             return
         self._ready.set()
         self.loop.run_forever()
-        self.loop.run_until_complete(self.runner.cleanup())
+        self.loop.run_until_complete(self.serving.cleanup())
         self.loop.close()
 
     def start(self) -> ProxyThread:

@@ -22,8 +22,10 @@ def _cmd(*args: str) -> list[str]:
 
 
 def _env(**extra: str) -> dict[str, str]:
+    """The test's environment without RERANK_PROXY_ settings, offline, the admin listener on a free
+    port (the default one may be taken by another proxy on the machine)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_PROXY_")}
-    return {**env, "HF_HUB_OFFLINE": "1", **extra}
+    return {**env, "HF_HUB_OFFLINE": "1", "RERANK_PROXY_SERVER_ADMIN_PORT": str(free_port()), **extra}
 
 
 @pytest.fixture

@@ -422,6 +422,7 @@ async def test_command_logs_never_hold_request_headers(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_PROXY_")}
     args = ["--server-log-level", "debug", "--rerank-enabled", "false", "--server-port", str(port)]
+    args += ["--server-admin-port", str(free_port())]
     args += ["--upstream", str(up.make_url("")).rstrip("/")]
     stderr = tmp_path / "stderr.log"
     with stderr.open("wb") as out:

@@ -36,6 +36,7 @@ def _env(**extra: str) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "RERANK_PROXY_SERVER_LOG_LEVEL": "warning",
         "RERANK_PROXY_SERVER_PORT": str(free_port()),
+        "RERANK_PROXY_SERVER_ADMIN_PORT": str(free_port()),
         "RERANK_PROXY_UPSTREAM_URL": UPSTREAM,
     }
     return {**env, **defaults, **extra}
@@ -239,3 +240,57 @@ def test_port_needing_privileges(tiny_model: Path) -> None:
         "permission denied",
         prefix=prefix,
     )
+
+
+def test_admin_port_in_use() -> None:
+    """Found before any model loads: the admin listener opens first."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start_up_error(
+            ["--rerank-enabled", "false", "--server-admin-port", str(port)],
+            1,
+            f"cannot listen on 127.0.0.1:{port}",
+            "server.admin_port",
+            "address already in use",
+        )
+
+
+def _tls_pair(tmp_path: Path) -> tuple[Path, Path, Path]:
+    import trustme
+
+    ca = trustme.CA()
+    cert, other = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
+    paths = (tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "other-key.pem")
+    cert.cert_chain_pems[0].write_to_path(str(paths[0]))
+    cert.private_key_pem.write_to_path(str(paths[1]))
+    other.private_key_pem.write_to_path(str(paths[2]))
+    return paths
+
+
+def test_tls_key_of_another_certificate(tmp_path: Path) -> None:
+    """Found before any model loads, so a bad key costs a second, not a model download."""
+    cert, _, other_key = _tls_pair(tmp_path)
+    args = [
+        "--rerank-enabled",
+        "false",
+        "--server-tls-cert-file",
+        str(cert),
+        "--server-tls-key-file",
+        str(other_key),
+    ]
+    start_up_error(args, 2, "server.tls_key_file", str(other_key), "not the private key")
+
+
+def test_tls_files_swapped(tmp_path: Path) -> None:
+    cert, key, _ = _tls_pair(tmp_path)
+    args = [
+        "--rerank-enabled",
+        "false",
+        "--server-tls-cert-file",
+        str(key),
+        "--server-tls-key-file",
+        str(cert),
+    ]
+    start_up_error(args, 2, "server.tls_cert_file", str(key), "no PEM certificate")
