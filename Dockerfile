@@ -4,8 +4,18 @@
 # `_search` hits with a transformers cross-encoder.
 #
 #   docker build -t rerank-proxy .
-#   docker run --rm --init -p 8000:8000 -v hf-models:/models \
+#   docker run --rm --init -p 8000:8000 -p 127.0.0.1:9901:9901 -v hf-models:/models \
 #       -e RERANK_PROXY_UPSTREAM_URL=http://elasticsearch:9200 rerank-proxy
+#
+# Ports: 8000 for Elasticsearch clients; 9901 is the admin listener (/health/live,
+# /health/ready, /metrics, /_rerank/stats). The image binds it on all of the
+# container's interfaces so that Kubernetes probes and Prometheus, which reach
+# the pod's address, get it; never publish it beyond the host or the pod
+# network (above: the host's loopback only).
+#
+# `docker stop` sends SIGTERM: the proxy fails readiness, stops accepting and
+# finishes the requests in flight for up to server.shutdown_timeout_s (30 s),
+# so give `docker stop -t` (10 s by default) a little more than that.
 #
 # torch flavour
 # -------------
@@ -62,7 +72,9 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/models \
     HF_HUB_DISABLE_TELEMETRY=1 \
-    RERANK_PROXY_SERVER_HOST=0.0.0.0
+    RERANK_PROXY_SERVER_HOST=0.0.0.0 \
+    RERANK_PROXY_SERVER_ADMIN_HOST=0.0.0.0 \
+    RERANK_PROXY_SERVER_ADMIN_PORT=9901
 
 # Fixed uid/gid so host bind mounts for /models can be chowned to 10001.
 RUN groupadd --gid 10001 app \
@@ -81,13 +93,17 @@ USER app
 # named volume starts out owned by the app user.
 VOLUME ["/models"]
 
-EXPOSE 8000
+EXPOSE 8000 9901
 
-# `/` is passed through to Elasticsearch, so this checks the proxy *and* its
-# upstream. Any HTTP error or connection failure makes urlopen raise -> exit 1.
-# The long start period leaves time for a first-run model download.
+# Readiness on the admin listener: 200 once the model is loaded and
+# Elasticsearch answers, 503 while loading, draining or cut off from
+# Elasticsearch. The image has no curl: urlopen raises on a 503 or a refused
+# connection -> exit 1. The long start period leaves time for a first-run
+# model download.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/' % os.environ.get('RERANK_PROXY_SERVER_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('RERANK_PROXY_SERVER_ADMIN_PORT', '9901'), timeout=4)"]
+
+STOPSIGNAL SIGTERM
 
 ENTRYPOINT ["rerank-proxy"]
 CMD ["--config", "/app/config/default.yaml"]
