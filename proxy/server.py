@@ -375,6 +375,7 @@ async def _serve(app: web.Application, server: ServerConfig) -> None:
         await stop.wait()
     finally:
         await serving.cleanup()
+        log.info("stopped")
 
 
 def _describe_sites(serving: Serving) -> list[str]:
