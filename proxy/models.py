@@ -4,13 +4,15 @@ Every model a search can reach (:meth:`proxy.config.Config.models_in_use`) is lo
 :func:`proxy.scorer.load_scorer`, one after another, so that each one's memory can be told apart in the
 start-up log: the bytes of its parameters and buffers (what the weights take wherever they live) and,
 for a model in this process, how much the process's resident memory and the GPU's allocated memory
-grew while it loaded and warmed up (tokenizer, framework state, the warm-up batch's allocator cache).
+grew while it loaded and warmed up (tokenizer, the warm-up batch's allocator cache; torch and
+transformers are imported first, so their own memory is nobody's model's).
 A model that fails to load stops start-up with one line naming its key, ``rerank.model`` for the
 default and ``models.<name>.model`` for a named one; those already loaded are closed first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -81,6 +83,12 @@ def gpu_allocated(cfg: RerankConfig) -> int | None:
     return int(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
 
 
+def _import_frameworks() -> None:
+    """Import what every local model needs (hundreds of MiB), before the first model's RSS is read."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+
 def _delta(before: int | None, after: int | None) -> int | None:
     return None if before is None or after is None else after - before
 
@@ -112,6 +120,8 @@ async def load_models(configs: Mapping[str, RerankConfig]) -> dict[str, Scorer]:
     loaded: dict[str, Scorer] = {}
     try:
         for name, cfg in configs.items():
+            if cfg.backend == "local":  # the frameworks' own memory is nobody's model's
+                await asyncio.to_thread(_import_frameworks)
             rss, gpu = process_rss(), gpu_allocated(cfg)
             try:
                 scorer: Scorer = await load_scorer(cfg)
