@@ -214,8 +214,9 @@ class ScorerCollector(Collector):
         scorers = dict(self._scorers())
         info = GaugeMetricFamily(
             PREFIX + "model_info",
-            "The loaded models, one series each (value 1): configured name, model, kind, device, dtype.",
-            labels=["model", "name", "kind", "device", "dtype"],
+            "The loaded models, one series each (value 1): configured name, model, where it runs (local or "
+            "a remote API), scorer kind, device, dtype.",
+            labels=["model", "name", "backend", "kind", "device", "dtype"],
         )
         depth = GaugeMetricFamily(PREFIX + "queue_depth", "Items waiting for the model.", labels=["model"])
         counters = {
@@ -242,11 +243,13 @@ class ScorerCollector(Collector):
         )
         for key, scorer in sorted(scorers.items()):
             model = getattr(scorer, "model", None)
+            remote = getattr(getattr(scorer, "cfg", None), "backend", None)  # proxy.remote's scorer
             info.add_metric(
                 [
                     key,
                     str(getattr(scorer, "name", key)),
-                    _text(getattr(model, "kind", None) or getattr(scorer, "kind", None) or "remote"),
+                    "local" if model is not None else _text(remote or "unknown"),
+                    _text(getattr(model, "kind", None) or getattr(scorer, "kind", None) or "unknown"),
                     _text(getattr(model, "device", None) or "none"),
                     _text(getattr(model, "compute_dtype", None) or getattr(model, "dtype", None) or "none"),
                 ],
