@@ -82,12 +82,23 @@ def elasticsearch(url: str | None, port: int = 9270) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def proxy_process(es_url: str, model: str, *flags: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``rerank-proxy`` in front of ``es_url``; yields its URL once it answers, and its process."""
+def proxy_process(
+    es_url: str,
+    model: str,
+    *flags: str,
+    launcher: Sequence[str] = ("-m", "proxy.cli"),
+    stderr: Any = None,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``rerank-proxy`` in front of ``es_url``; yields its URL once it answers, and its process.
+
+    Its admin listener takes a free port (``--server-admin-port`` in ``flags`` names one instead), so
+    several proxies run side by side. ``launcher``: what runs the command (``-m proxy.cli``, or a
+    script that calls it); ``stderr``: where its log goes (inherited by default)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "proxy.cli", "--upstream", es_url, "--server-port", str(port)]
+    cmd = [sys.executable, *launcher, "--upstream", es_url, "--server-port", str(port)]
+    cmd += ["--server-admin-port", str(free_port())]
     cmd += ["--rerank-model", model, "--server-log-level", "warning", *flags]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(3000):

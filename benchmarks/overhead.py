@@ -12,13 +12,18 @@ One run, one machine, ratios (this machine is noisy; absolute figures move, rati
 - shadow mode: a second proxy process started with ``--rerank-mode shadow`` answers the same search
   with Elasticsearch's own answer and scores its hits in the background; interleaved with the search
   straight to Elasticsearch, the serving proxy's pass-through (``X-Rerank-Enabled: false``) and the
-  shadow proxy's own pass-through, so what shadow mode adds over a pass-through is read in one run.
+  shadow proxy's own pass-through, so what shadow mode adds over a pass-through is read in one run;
+- observability: what the metrics and the access log cost a request. Two more proxy processes, both
+  logging at info level to a file: one as shipped (metrics recorded, an access line per request), one
+  with ``--server-access-log false`` and the metrics' recording turned off (this script launches it
+  through :func:`serve_without_metrics`); the same requests to both, interleaved.
 
 The corpus and queries are NovelEval's (../shared/data/noveleval). The proxy runs as a separate
 ``rerank-proxy`` process, as in production. Without --model, a tiny random cross-encoder is built
 on the spot (mechanics only: its scores mean nothing, and its speed is no real model's).
 
     python benchmarks/overhead.py [--es-url URL] [--model PATH] [--top-k 100] [--requests 200]
+        [--cases ...]
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import datasets
-from benchmarks.common import ROOT, elasticsearch, machine, model_folder, pct, proxy_process
+from benchmarks.common import ROOT, elasticsearch, free_port, machine, model_folder, pct, proxy_process
 
 INDEX = "bench-noveleval"
 CASES = (
@@ -52,6 +57,26 @@ CASES = (
     "msearch_5_reranked",
 )
 SHADOW_CASE = "search_shadow"
+OBSERVABILITY_CASE = "observability"
+WITHOUT_METRICS = "--serve-without-metrics"  # argv[1] of this script when it runs a proxy itself
+
+
+def serve_without_metrics(argv: list[str]) -> None:
+    """``rerank-proxy`` with the metrics' recording turned off, for the observability case only: the
+    command has no such setting, since a served proxy always records them."""
+    import proxy.app
+    from proxy.cli import main as cli_main
+    from proxy.metrics import METRICS_KEY
+
+    make = proxy.app.create_app
+
+    def without_metrics(*args: Any, **kwargs: Any) -> Any:
+        app = make(*args, **kwargs)
+        app[METRICS_KEY].enabled = False
+        return app
+
+    proxy.app.create_app = without_metrics
+    raise SystemExit(cli_main(argv))
 
 
 def load_noveleval() -> tuple[list[tuple[str, str]], list[str]]:
@@ -98,19 +123,25 @@ async def compare(
 
 
 async def compare_shadow(
-    session: aiohttp.ClientSession, es: str, serve: str, shadow: str, n: int, request: Any
+    session: aiohttp.ClientSession,
+    es: str,
+    serve: str,
+    shadow: tuple[str, str],
+    n: int,
+    request: Any,
 ) -> dict[str, Any]:
     """The same search four ways per round: straight to Elasticsearch, the serving proxy's
     pass-through, the shadow proxy's pass-through, and the shadow proxy in shadow mode, the order
     rotated every round so no way always follows the shadow search's background work. What the
     shadow search adds over each, at p50 and as the median of the per-round differences. Then the
     shadow proxy's own count of the comparisons it made (the background work really ran), once they
-    are all done (or after 60 s)."""
+    are all done (or after 60 s). ``shadow``: the shadow proxy's URL and its admin listener's."""
+    shadow, shadow_admin = shadow
     off = {"X-Rerank-Enabled": "false"}
     ways = ("direct", "serve_off", "shadow_off", "shadow")
     times: dict[str, list[float]] = {way: [] for way in ways}
     statuses: set[str] = set()
-    async with session.get(f"{shadow}/_rerank/stats") as resp:
+    async with session.get(f"{shadow_admin}/_rerank/stats") as resp:
         before = (await resp.json())["shadow"]
     for i in range(n):
         method, path, kw = request(i)
@@ -124,7 +155,7 @@ async def compare_shadow(
                 statuses.add(f"{got.get('X-Rerank-Status')}/{got.get('X-Rerank-Reason')}")
     done = 0
     for _ in range(600):  # the comparisons run after the answers: wait for them before reading
-        async with session.get(f"{shadow}/_rerank/stats") as resp:
+        async with session.get(f"{shadow_admin}/_rerank/stats") as resp:
             stats = await resp.json()
         done = sum(stats["shadow"][k] - before[k] for k in ("compared", "dropped", "unscorable"))
         if done >= n:
@@ -152,16 +183,51 @@ async def compare_shadow(
     }
 
 
+async def compare_observability(
+    session: aiohttp.ClientSession, on: str, off: str, n: int, request: Any
+) -> dict[str, Any]:
+    """The same request to the proxy as shipped (``on``) and to one without metrics or access log
+    (``off``), the order swapped every round; p50s and the median of the per-round differences."""
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    for i in range(n):
+        method, path, kw = request(i)
+        for way in ("on", "off") if i % 2 == 0 else ("off", "on"):
+            times[way].append((await timed(session, method, (on if way == "on" else off) + path, **kw))[0])
+    return {
+        "on_p50_ms": statistics.median(times["on"]),
+        "off_p50_ms": statistics.median(times["off"]),
+        "added_p50_ms": statistics.median(times["on"]) - statistics.median(times["off"]),
+        "paired_median_ms_on_minus_off": statistics.median(
+            a - b for a, b in zip(times["on"], times["off"], strict=True)
+        ),
+        "requests": n,
+    }
+
+
+async def requests_recorded(session: aiohttp.ClientSession, admin: str) -> float:
+    """The sum of ``rerank_proxy_requests_total`` on a proxy's admin listener."""
+    async with session.get(f"{admin}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("rerank_proxy_requests_total{")
+    )
+
+
 async def run(
     es: str,
     proxy: str,
     n: int,
     docs: list[tuple[str, str]],
     queries: list[str],
-    shadow: str | None = None,
+    shadow: tuple[str, str] | None = None,
     cases: Sequence[str] = (*CASES, SHADOW_CASE),
+    observed: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """The chosen cases, in :data:`CASES` order with shadow mode first (it needs ``shadow``)."""
+    """The chosen cases, in :data:`CASES` order with shadow mode first (it needs ``shadow``: the
+    shadow proxy's URL and admin URL) and the observability case last (``observed``: the URLs of the
+    proxy as shipped and of the one without metrics or access log, then their admin URLs)."""
     async with aiohttp.ClientSession() as session:
         await session.delete(f"{es}/{INDEX}")
         await session.put(f"{es}/{INDEX}", json={"settings": {"number_of_replicas": 0}})
@@ -212,6 +278,19 @@ async def run(
         for case, (count, request) in runs.items():
             if case in cases:
                 out[case] = await compare(session, es, proxy, count, request)
+        if OBSERVABILITY_CASE in cases and observed is not None:
+            on, off, on_admin, off_admin = observed
+            await compare_observability(session, on, off, 10, search(plain))  # warm-up
+            out[OBSERVABILITY_CASE] = {
+                case: await compare_observability(session, on, off, count, request)
+                for case, (count, request) in runs.items()
+                if case in ("pass_through_get", "search_rerank_off", "search_reranked")
+            }
+            # Proof that the two differ as intended: what each one's metrics counted.
+            out[OBSERVABILITY_CASE]["requests_recorded"] = {
+                "on": await requests_recorded(session, on_admin),
+                "off": await requests_recorded(session, off_admin),
+            }
         return out
 
 
@@ -227,8 +306,8 @@ def main() -> None:
     ap.add_argument(
         "--cases",
         nargs="+",
-        choices=(*CASES, SHADOW_CASE),
-        default=[*CASES, SHADOW_CASE],
+        choices=(*CASES, SHADOW_CASE, OBSERVABILITY_CASE),
+        default=[*CASES, SHADOW_CASE, OBSERVABILITY_CASE],
         help="(default: all)",
     )
     args = ap.parse_args()
@@ -240,11 +319,36 @@ def main() -> None:
         flags = ["--rerank-top-k", str(args.top_k), "--rerank-timeout-ms", "60000"]
         with contextlib.ExitStack() as stack:
             proxy_url, _ = stack.enter_context(proxy_process(es_url, model, *flags))
-            shadow_url = None
+            shadow = observed = None
             if SHADOW_CASE in args.cases:
-                shadow_flags = (*flags, "--rerank-mode", "shadow")
+                admin = free_port()
+                shadow_flags = (*flags, "--rerank-mode", "shadow", "--server-admin-port", str(admin))
                 shadow_url, _ = stack.enter_context(proxy_process(es_url, model, *shadow_flags))
-            result = asyncio.run(run(es_url, proxy_url, args.requests, docs, queries, shadow_url, args.cases))
+                shadow = (shadow_url, f"http://127.0.0.1:{admin}")
+            if OBSERVABILITY_CASE in args.cases:
+                log = stack.enter_context(open(Path(tmp) / "proxies.log", "w"))
+                info = (*flags, "--server-log-level", "info")
+                admins = free_port(), free_port()
+                on, _ = stack.enter_context(
+                    proxy_process(es_url, model, *info, "--server-admin-port", str(admins[0]), stderr=log)
+                )
+                off, _ = stack.enter_context(
+                    proxy_process(
+                        es_url,
+                        model,
+                        *info,
+                        "--server-access-log",
+                        "false",
+                        "--server-admin-port",
+                        str(admins[1]),
+                        launcher=(__file__, WITHOUT_METRICS),
+                        stderr=log,
+                    )
+                )
+                observed = (on, off, *(f"http://127.0.0.1:{port}" for port in admins))
+            result = asyncio.run(
+                run(es_url, proxy_url, args.requests, docs, queries, shadow, args.cases, observed)
+            )
     result["setup"] = {
         "model": args.model or "tiny random BERT (2 layers, hidden 32), built locally",
         "top_k": args.top_k,
@@ -282,8 +386,17 @@ def main() -> None:
             f" {r['paired_median_ms_shadow_minus_own_pass_through']:.2f} ms over its own;"
             f" shadow stats {r['shadow_stats']}"
         )
+    for case, r in result.get(OBSERVABILITY_CASE, {}).items():
+        if case == "requests_recorded":
+            continue
+        print(
+            f"metrics and access log, {case}: p50 {r['on_p50_ms']:.3f} ms on, {r['off_p50_ms']:.3f} ms off;"
+            f" median per-round difference {r['paired_median_ms_on_minus_off']:.3f} ms"
+        )
     print(f"written to {args.out}")
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == [WITHOUT_METRICS]:
+        serve_without_metrics(sys.argv[2:])
     main()

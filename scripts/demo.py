@@ -63,7 +63,7 @@ def index_corpus(es: str) -> list[dict[str, str]]:
     return docs
 
 
-def start_proxy(es: str, port: int, extra: list[str], log: Any) -> subprocess.Popen[str]:
+def start_proxy(es: str, port: int, admin: int, extra: list[str], log: Any) -> subprocess.Popen[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -72,6 +72,8 @@ def start_proxy(es: str, port: int, extra: list[str], log: Any) -> subprocess.Po
         es,
         "--server-port",
         str(port),
+        "--server-admin-port",
+        str(admin),
         "--rerank-top-k",
         "20",
     ]
@@ -82,10 +84,11 @@ def start_proxy(es: str, port: int, extra: list[str], log: Any) -> subprocess.Po
             log.seek(0)
             raise SystemExit(f"demo: rerank-proxy stopped:\n{log.read()}")
         try:
-            http(f"http://127.0.0.1:{port}/_rerank/stats")
-            return proc
+            if http(f"http://127.0.0.1:{admin}/health/ready")[0] == 200:  # loaded, Elasticsearch answers
+                return proc
         except OSError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     proc.terminate()
     raise SystemExit("demo: rerank-proxy did not start")
 
@@ -116,12 +119,12 @@ def main() -> None:
         out = subprocess.run(["bash", str(script), "start"], check=True, capture_output=True, text=True)
         es, started_es = out.stdout.strip().splitlines()[-1], status.returncode != 0
     es = es.rstrip("/")
-    port = free_port()
+    port, admin = free_port(), free_port()
     proxy = None
     with tempfile.TemporaryFile("w+") as log:
         try:
             docs = index_corpus(es)
-            proxy = start_proxy(es, port, args.proxy_args, log)
+            proxy = start_proxy(es, port, admin, args.proxy_args, log)
             log.seek(0)
             for line in log.read().splitlines():  # e.g. which model a machine without the Hub starts with
                 if "WARNING" in line:
@@ -129,7 +132,7 @@ def main() -> None:
             body = {"query": {"match": {"text": args.query}}, "size": 5}
             _, _, direct = http(f"{es}/{INDEX}/_search", "POST", body)
             _, headers, proxied = http(f"http://127.0.0.1:{port}/{INDEX}/_search", "POST", body)
-            _, _, stats = http(f"http://127.0.0.1:{port}/_rerank/stats")
+            _, _, stats = http(f"http://127.0.0.1:{admin}/_rerank/stats")
             print(f"\n{len(docs)} passages in {INDEX} at {es}; model {stats.get('model')}")
             print(f'query: "{args.query}"   X-Rerank-Status: {headers.get("X-Rerank-Status")}\n')
             print(side_by_side(direct["hits"]["hits"], proxied["hits"]["hits"]))

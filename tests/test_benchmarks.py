@@ -100,3 +100,19 @@ def test_overhead_benchmark_measures_shadow_mode(es_url: str, tmp_path: Path) ->
     for key in ("direct_p50_ms", "serve_off_p50_ms", "shadow_off_p50_ms", "shadow_p50_ms"):
         assert shadow[key] > 0
     assert set(result) == {"search_rerank_off", "search_shadow", "setup"}
+
+
+@pytest.mark.skipif(not NOVELEVAL.is_dir(), reason="../shared/data/noveleval is not beside the clone")
+def test_overhead_benchmark_measures_metrics_and_access_log(es_url: str, tmp_path: Path) -> None:
+    """The observability case: both proxies answered every request, and only the one as shipped
+    counted them in its metrics."""
+    out = tmp_path / "overhead.json"
+    args = ["--es-url", es_url, "--requests", "20", "--cases", "observability"]
+    result = run_benchmark("overhead.py", *args, "--out", str(out), out=out, timeout=600)
+    observed = result["observability"]
+    assert set(observed) == {"pass_through_get", "search_rerank_off", "search_reranked", "requests_recorded"}
+    for case in ("pass_through_get", "search_rerank_off", "search_reranked"):
+        assert observed[case]["on_p50_ms"] > 0 and observed[case]["off_p50_ms"] > 0
+    # Its start-up probe (GET /_cluster/health), 10 warm-up searches and the measured requests
+    # (20 + 20 + 20), each sent to both.
+    assert observed["requests_recorded"] == {"on": 71, "off": 0}

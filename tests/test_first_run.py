@@ -81,8 +81,12 @@ def test_hub_check_is_bounded_and_true_only_for_an_open_port() -> None:
 def test_command_without_the_hub_starts_with_the_offline_model() -> None:
     """``rerank-proxy`` with nothing configured, on a machine without the Hub: one line says which model
     it started with instead and how to choose, and the proxy serves."""
-    port = free_port()
-    env = _env(RERANK_PROXY_SERVER_PORT=str(port), RERANK_PROXY_RERANK_WARMUP="false")
+    port, admin = free_port(), free_port()
+    env = _env(
+        RERANK_PROXY_SERVER_PORT=str(port),
+        RERANK_PROXY_SERVER_ADMIN_PORT=str(admin),
+        RERANK_PROXY_RERANK_WARMUP="false",
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "--upstream", "http://127.0.0.1:9"],
         env=env,
@@ -94,12 +98,15 @@ def test_command_without_the_hub_starts_with_the_offline_model() -> None:
         stats = None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
+            # The admin listener answers while the model loads; the stats name it once it is loaded.
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_rerank/stats", timeout=2) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/_rerank/stats", timeout=2) as r:
                     stats = json.loads(r.read())
-                break
+                if stats["model"] is not None:
+                    break
             except OSError:
-                time.sleep(0.3)
+                pass
+            time.sleep(0.3)
         assert stats is not None, proc.stdout.read() if proc.stdout else ""
         assert stats["model"] == OFFLINE_MODEL
     finally:

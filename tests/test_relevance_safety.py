@@ -61,7 +61,7 @@ def settled_stats(server: ProxyThread, compared: int) -> dict[str, Any]:
     """The proxy's stats once ``compared`` shadow comparisons are done (they run after the answer)."""
     stats: dict[str, Any] = {}
     for _ in range(200):
-        stats = json.loads(http(server.url + "/_rerank/stats")[2])
+        stats = json.loads(http(server.admin_url + "/_rerank/stats")[2])
         if stats["shadow"]["compared"] >= compared:
             break
         time.sleep(0.05)

@@ -279,7 +279,7 @@ def test_msearch_with_filter_path_and_compat_media_type(
 
 def test_msearch_subsearches_are_counted(proxy: ProxyThread, es: Elasticsearch) -> None:
     def stats() -> dict[str, Any]:
-        return json.loads(_raw(proxy.url + "/_rerank/stats")[2])["searches"]
+        return json.loads(_raw(proxy.admin_url + "/_rerank/stats")[2])["searches"]
 
     before = stats()
     body = "".join(
