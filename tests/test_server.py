@@ -54,6 +54,7 @@ class Command:
 
     def __init__(self, tmp_path: Path, es_url: str, *args: str) -> None:
         self.port, self.admin_port = free_port(), free_port()
+        self.terminated = False
         self.output_file = tmp_path / "proxy.log"
         self._out: IO[bytes] = self.output_file.open("wb")
         flags = ["--upstream", es_url, "--rerank-enabled", "false", "--server-port", str(self.port)]
@@ -69,10 +70,17 @@ class Command:
             self._out.flush()
         return self.output_file.read_text(errors="replace")
 
-    def stop(self) -> int:
-        """SIGTERM, and the exit code; a process still there after 60 s fails the test."""
-        if self.proc.poll() is None:
+    def terminate(self) -> None:
+        """One SIGTERM: a second one after the drain, while the interpreter exits, would kill it."""
+        if not self.terminated:
+            self.terminated = True
             self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int:
+        """SIGTERM unless sent already, and the exit code; a process still there after 60 s fails
+        the test."""
+        if self.proc.poll() is None:
+            self.terminate()
         try:
             return self.proc.wait(60)
         finally:
@@ -163,9 +171,12 @@ def test_sigterm_finishes_the_search_in_flight_and_refuses_new_connections(comma
     cmd = command()
     sock = _held_search(cmd.port, index)
     with sock:
-        cmd.proc.send_signal(signal.SIGTERM)
+        cmd.terminate()
         assert _refused_soon(cmd.port), cmd.output()
         assert cmd.proc.poll() is None  # still waiting for the search
+        with pytest.raises(urllib.error.HTTPError) as ready:  # the admin listener is still up
+            urllib.request.urlopen(f"http://127.0.0.1:{cmd.admin_port}/health/ready", timeout=10)
+        assert ready.value.code == 503 and json.loads(ready.value.read())["reason"] == "draining"
         sock.sendall(SEARCH[len(SEARCH) // 2 :])
         answer = _read_to_end(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -180,7 +191,7 @@ def test_sigterm_finishes_the_search_in_flight_and_refuses_new_connections(comma
 def test_shutdown_ends_when_in_flight_work_outlives_the_timeout(command: Any, index: str) -> None:
     cmd = command("--server-shutdown-timeout-s", "1")
     with _held_search(cmd.port, index) as sock:  # the rest of the body never comes
-        cmd.proc.send_signal(signal.SIGTERM)
+        cmd.terminate()
         assert cmd.stop() == 0, cmd.output()
         assert not _read_to_end(sock).startswith(b"HTTP/1.1 200")
     out = cmd.output()
