@@ -28,10 +28,13 @@ __all__ = ["LIFECYCLE_KEY", "Lifecycle", "UpstreamCheck", "create_admin_app"]
 
 @dataclass
 class Lifecycle:
-    """Where the serving process stands: ``ready`` once models are loaded and warmed, ``draining``
-    from SIGTERM on (readiness then fails, so a load balancer stops sending new requests)."""
+    """Where the serving process stands: ``ready`` once models are loaded and warmed, ``accepting``
+    once the client port takes connections (the app's start-up ends a moment before it listens),
+    ``draining`` from SIGTERM on (readiness then fails, so a load balancer stops sending new requests).
+    ``accepting`` starts true for an app no listener serves (the tests' in-process clients)."""
 
     ready: bool = False
+    accepting: bool = True
     draining: bool = False
 
 
@@ -87,7 +90,7 @@ async def handle_ready(request: web.Request) -> web.Response:
     if lifecycle.draining:
         return _not_ready("draining", "the proxy is shutting down and finishing its requests")
     upstream = main.get(UPSTREAM_KEY)
-    if not lifecycle.ready or upstream is None:
+    if not (lifecycle.ready and lifecycle.accepting) or upstream is None:
         return _not_ready("starting", "the proxy is loading its models")
     why = await request.app[CHECK_KEY].why_not(upstream)
     if why is not None:

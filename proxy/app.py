@@ -67,13 +67,25 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 def stats_body(app: web.Application) -> dict[str, Any]:
-    """``GET /_rerank/stats`` on the admin listener: the counters, the default model's queue."""
+    """``GET /_rerank/stats`` on the admin listener: the counters, the default model's name and queue
+    at the top (as before several models could be loaded), and every loaded model's under ``models``."""
     scorers = app.get(SCORERS_KEY, {})
     scorer = scorers.get(DEFAULT_MODEL)
-    queue = getattr(getattr(scorer, "queue", None), "stats", None)
-    body = app[STATS_KEY].snapshot(queue)
+    body = app[STATS_KEY].snapshot(_queue_stats(scorer))
     body["model"] = getattr(scorer, "name", None)
+    body["models"] = {
+        name: {"model": getattr(each, "name", None), "queue": _queue_stats(each, as_dict=True)}
+        for name, each in scorers.items()
+    }
     return body
+
+
+def _queue_stats(scorer: Scorer | None, as_dict: bool = False) -> Any:
+    """A local model's queue figures (a remote model has no queue here: None)."""
+    stats = getattr(getattr(scorer, "queue", None), "stats", None)
+    if stats is None or not as_dict:
+        return stats
+    return ProxyStats.queue_figures(stats)
 
 
 def create_app(

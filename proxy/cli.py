@@ -20,6 +20,7 @@ import yaml
 
 from .config import (
     ALIASES,
+    DEFAULT_MODEL,
     ENV_PREFIX,
     MODEL_KEYS,
     RULE_KEYS,
@@ -145,6 +146,16 @@ def parse(
     return load_config(args.config, env, overrides), args, explicit_keys(args.config, env, overrides)
 
 
+def _models_line(cfg: Config) -> str:
+    """The models a search can reach, for the start-up line: ``model X`` alone, or ``models a: X, b: Y``."""
+    used = cfg.models_in_use()
+    if not used:
+        return "reranking disabled"
+    if list(used) == [DEFAULT_MODEL]:
+        return f"model {cfg.rerank.model}"
+    return "models " + ", ".join(f"{name}: {m.model}" for name, m in used.items())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         env = dict(os.environ)
@@ -179,12 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s", line)
     scheme = "https" if cfg.server.tls_cert_file else "http"
     log.info(
-        "rerank-proxy on %s://%s:%d -> %s (model %s)",
+        "rerank-proxy on %s://%s:%d -> %s (%s)",
         scheme,
         cfg.server.host,
         cfg.server.port,
         mask_url(cfg.upstream.url),
-        cfg.rerank.model if cfg.rerank.enabled else "disabled",
+        _models_line(cfg),
     )
     try:
         run(create_app(cfg), cfg.server)

@@ -338,9 +338,14 @@ async def start(app: web.Application, host: str, port: int, server: ServerConfig
             await admin.setup()
             site = web.TCPSite(admin, server.admin_host, server.admin_port)
             await _listen(site, server.admin_host, server.admin_port, "server.admin_port")
+        lifecycle = app.get(LIFECYCLE_KEY)
+        if lifecycle is not None:
+            lifecycle.accepting = False  # ready only once the client port below listens
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await _listen(site, host, port, "server.port")
+        if lifecycle is not None:
+            lifecycle.accepting = True
     except BaseException:
         await runner.cleanup()
         if admin is not None:

@@ -90,8 +90,14 @@ class ProxyStats:
             "shadow": self.shadow.snapshot(),
         }
         if queue is not None:
-            stats = asdict(queue)
-            stats.pop("batch_shapes", None)
-            stats.pop("wait_counts", None)  # a histogram's buckets: served at /metrics
-            out["queue"] = stats
+            out["queue"] = self.queue_figures(queue)
         return out
+
+    @staticmethod
+    def queue_figures(queue: Any) -> dict[str, Any]:
+        """A batching queue's counters, less what is too long for JSON stats (the recent batch shapes,
+        the wait histogram's buckets, which /metrics serves)."""
+        stats = asdict(queue)
+        stats.pop("batch_shapes", None)
+        stats.pop("wait_counts", None)
+        return stats

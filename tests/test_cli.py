@@ -126,3 +126,17 @@ def test_readme_table_carries_each_options_help_text() -> None:
     rows = {line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `")}
     for key, f in option_keys():
         assert rows[f"`{key}`"].rstrip().endswith(f"| {f.metadata['help']} |"), key
+
+
+def test_start_up_line_names_every_model_a_search_can_reach(tmp_path: Path) -> None:
+    from proxy.cli import _models_line
+
+    assert _models_line(load_config(overrides={"rerank.model": "m-en"})) == "model m-en"
+    assert _models_line(load_config(overrides={"rerank.enabled": "false"})) == "reranking disabled"
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        "rerank: {model: m-en}\nmodels: {german: {model: m-de}, unused: {model: m-x}}\n"
+        "rules: [{index: de-*, model: german}]\n",
+        encoding="utf-8",
+    )
+    assert _models_line(load_config(path)) == "models default: m-en, german: m-de"

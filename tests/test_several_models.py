@@ -225,3 +225,21 @@ def test_shadow_mode_compares_with_the_rules_model(
     assert ids(served) == hit_ids[:3]
     assert figures["compared"] == 1
     assert figures["mean_kendall_tau"] == pytest.approx(tau(second_model))
+
+
+def test_stats_report_each_loaded_models_queue(proxy: ProxyThread, es: Elasticsearch) -> None:
+    """Each model has its own queue: a search on the German index moves the second model's counters
+    only, and /_rerank/stats on the admin listener reports both models by name."""
+
+    def models() -> dict[str, Any]:
+        figures: dict[str, Any] = json.loads(_raw(proxy.admin_url + "/_rerank/stats")[2])["models"]
+        return figures
+
+    before = models()
+    assert set(before) == {"default", "second"}
+    headers, _ = search(proxy.url, GERMAN, "title", DE_QUERY, size=3)
+    assert headers["x-rerank-status"] == "reranked"
+    after = models()
+    assert after["second"]["queue"]["items"] - before["second"]["queue"]["items"] == DE_TOP_K
+    assert after["default"]["queue"]["items"] == before["default"]["queue"]["items"]
+    assert after["second"]["model"] != after["default"]["model"]
