@@ -30,7 +30,7 @@ class BlockingScorer:
     name = "blocking"
 
     async def score(self, query: str, passages: Sequence[str]) -> list[float]:
-        time.sleep(BLOCKED_LOOP_S + 0.3)
+        time.sleep(BLOCKED_LOOP_S + 0.3)  # noqa: ASYNC251 - blocking the loop is the point
         return [0.0] * len(passages)
 
     async def aclose(self) -> None:
