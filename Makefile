@@ -1,5 +1,5 @@
 # Named for what they do; every target works on a fresh clone.
-.PHONY: install infinity run demo test lint helm bench-throughput bench-relevance bench-overhead es-start es-stop clean
+.PHONY: install infinity run demo test lint helm bench-throughput bench-relevance bench-overhead bench-peers bench-profile es-start es-stop clean
 
 install:            ## create .venv and install the proxy with its test tools
 	bash scripts/install.sh
@@ -37,6 +37,10 @@ bench-peers: install        ## engine vs CrossEncoder.predict and the infinity-e
 	.venv/bin/python -m pip install --quiet -e ".[peers]"
 	bash scripts/infinity.sh >/dev/null
 	.venv/bin/python benchmarks/peers.py $(ARGS)
+
+bench-profile: install      ## where the proxy's CPU goes at 32 clients: forward pass vs the rest (py-spy; benchmarks/README.md)
+	.venv/bin/python -m pip install --quiet -e ".[profile]"
+	.venv/bin/python benchmarks/profile.py $(ARGS)
 
 es-start:           ## a local Elasticsearch on 127.0.0.1:9200
 	bash scripts/elasticsearch.sh start

@@ -56,6 +56,27 @@ def test_throughput_benchmark_runs_end_to_end(es_url: str, tmp_path: Path) -> No
     assert "cpu_engine_vs_naive_on_mix >= 2" in result["targets"]
 
 
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data/trec-dl19 is not beside the clone")
+def test_profile_benchmark_splits_the_proxy_cpu(es_url: str, tmp_path: Path) -> None:
+    """A few seconds at 4 clients: every category has a figure, the shares add up, searches were
+    reranked in the window, and the native threads py-spy cannot see were found and counted."""
+    out = tmp_path / "profile.json"
+    args = ["--model", "tiny", "--clients", "4", "--seconds", "3", "--warmup", "1"]
+    result = run_benchmark("profile.py", *args, "--es-url", es_url, "--out", str(out), out=out, timeout=600)
+    cpu = result["cpu"]
+    categories = {"forward", "tokenize", "batch tensors", "json", "http & event loop", "other"}
+    assert set(cpu["cpu_s"]) == set(cpu["share"]) == set(cpu["samples"]) == categories
+    assert sum(cpu["share"].values()) == pytest.approx(1.0)
+    assert sum(cpu["samples_x_interval"]["share"].values()) == pytest.approx(1.0)
+    assert 0.0 <= cpu["outside_forward_share"] <= 1.0
+    assert cpu["process_cpu_s"] > 0 and cpu["samples"]["forward"] > 0
+    assert cpu["attributed_cpu_s"] == pytest.approx(cpu["process_cpu_s"], rel=0.05)
+    # The Rust tokenizer's pool does the tokenizing; the launcher made its threads recognisable.
+    assert cpu["native_cpu_s"]["tokenizer_pool"] > 0
+    assert result["traffic"]["outcomes"].get("reranked", 0) > 0
+    assert result["setup"]["clients"] == 4 and result["setup"]["uptime_start"]
+
+
 NOVELEVAL = ROOT.parent / "shared" / "data" / "noveleval"
 
 
