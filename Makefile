@@ -40,7 +40,7 @@ bench-peers: install        ## engine vs CrossEncoder.predict and the infinity-e
 
 bench-profile: install      ## where the proxy's CPU goes at 32 clients: forward pass vs the rest (py-spy; benchmarks/README.md)
 	.venv/bin/python -m pip install --quiet -e ".[profile]"
-	.venv/bin/python benchmarks/profile.py $(ARGS)
+	.venv/bin/python benchmarks/cpu_profile.py $(ARGS)
 
 es-start:           ## a local Elasticsearch on 127.0.0.1:9200
 	bash scripts/elasticsearch.sh start

@@ -62,7 +62,9 @@ def test_profile_benchmark_splits_the_proxy_cpu(es_url: str, tmp_path: Path) -> 
     reranked in the window, and the native threads py-spy cannot see were found and counted."""
     out = tmp_path / "profile.json"
     args = ["--model", "tiny", "--clients", "4", "--seconds", "3", "--warmup", "1"]
-    result = run_benchmark("profile.py", *args, "--es-url", es_url, "--out", str(out), out=out, timeout=600)
+    result = run_benchmark(
+        "cpu_profile.py", *args, "--es-url", es_url, "--out", str(out), out=out, timeout=600
+    )
     cpu = result["cpu"]
     categories = {"forward", "tokenize", "batch tensors", "json", "http & event loop", "other"}
     assert set(cpu["cpu_s"]) == set(cpu["share"]) == set(cpu["samples"]) == categories

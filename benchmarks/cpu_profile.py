@@ -45,7 +45,7 @@ CPU the samples do not cover, is printed and stored beside it (``samples_x_inter
 every sampled thread had a core and every unseen cycle was torch's, neither of which holds here
 (tokenizing runs on native threads).
 
-    python benchmarks/profile.py [--model tiny|minilm|FOLDER] [--es-url URL] [--clients 32] [--seconds 60]
+    python benchmarks/cpu_profile.py [--model tiny|minilm|FOLDER] [--es-url URL] [--clients 32] [--seconds 60]
         [--no-deadline] [--proxy-args "--rerank-max-batch-tokens 4096"]
 
 Writes ``benchmarks/results/profile-<model>-cpu.json``. Needs py-spy (``pip install -e '.[profile]'``)
@@ -81,10 +81,6 @@ import aiohttp
 from benchmarks import datasets
 from benchmarks.common import ROOT, elasticsearch, machine, model_folder, pct, proxy_process
 from benchmarks.throughput import INDEX, TOP_K, es_candidates, index_pool
-
-# Run as a script, this file's folder is on sys.path, where this file would shadow the standard library's
-# ``profile`` (which cProfile imports, and transformers imports cProfile): take the folder off.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 CATEGORIES = ("forward", "tokenize", "batch tensors", "json", "http & event loop", "other")
 TOKENIZER_POOL = "tokenizers-pool"  # the kernel's name for the tokenizer's rayon threads (15 chars max)
@@ -187,7 +183,7 @@ def uptime() -> str:
 def py_spy() -> str:
     found = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if found is None:
-        raise SystemExit("profile.py: py-spy is not installed (pip install -e '.[profile]')")
+        raise SystemExit("cpu_profile.py: py-spy is not installed (pip install -e '.[profile]')")
     return found
 
 
@@ -206,13 +202,13 @@ async def record(
     while b"Sampling process" not in (line := await proc.stdout.readline()):
         if not line:
             why = (await proc.stderr.read()).decode(errors="replace").strip()
-            raise SystemExit(f"profile.py: py-spy did not start sampling: {why}")
+            raise SystemExit(f"cpu_profile.py: py-spy did not start sampling: {why}")
     start = Snapshot.take(pid)
     await asyncio.sleep(max(1, round(seconds)))
     end = Snapshot.take(pid)
     _, error = await proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"profile.py: py-spy failed: {error.decode(errors='replace').strip()}")
+        raise SystemExit(f"cpu_profile.py: py-spy failed: {error.decode(errors='replace').strip()}")
     return start, end
 
 
@@ -422,7 +418,7 @@ async def clients_loop(
             async with session.post(f"{url}/{INDEX}/_search", json=body) as resp:
                 await resp.read()
                 if resp.status != 200:
-                    raise SystemExit(f"profile.py: a search answered {resp.status}")
+                    raise SystemExit(f"cpu_profile.py: a search answered {resp.status}")
                 outcome = resp.headers.get("X-Rerank-Status", "none")
                 if outcome == "skipped":
                     outcome += "/" + resp.headers.get("X-Rerank-Reason", "")
@@ -531,7 +527,7 @@ def main() -> None:
     try:
         col = datasets.trec_dl19(args.data)
     except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"profile.py: {exc}") from None
+        raise SystemExit(f"cpu_profile.py: {exc}") from None
     py_spy()
     flags = ["--rerank-top-k", str(TOP_K), "--rerank-device", "cpu"]
     if args.no_deadline:
@@ -544,7 +540,7 @@ def main() -> None:
         work = asyncio.run(es_candidates(es, queries))
         pairs_per_search = statistics.mean(len(ps) for _, ps in work)
         print(f"model: {described}\n{machine()}\nload: {uptime()}")
-        launcher = ("-c", "from benchmarks.profile import launch; launch()")
+        launcher = ("-c", "from benchmarks.cpu_profile import launch; launch()")
         raw_path = Path(tmp) / "py-spy.txt"
         with proxy_process(es, folder, *flags, launcher=launcher) as (url, proc):
             load_start = uptime()
@@ -572,7 +568,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "uptime_start": load_start,
             "uptime_end": load_end,
-            "command": "python benchmarks/profile.py " + " ".join(sys.argv[1:]),
+            "command": "python benchmarks/cpu_profile.py " + " ".join(sys.argv[1:]),
             "assumption": ASSUMPTION,
         },
         "window": {
