@@ -282,16 +282,19 @@ class BatchQueue(Generic[T, R]):
                 f"{self.stats.queued} pairs queued; {n} more would exceed {self.limits.max_queued} "
                 "(rerank.max_queued_pairs)"
             )
+        own = n * self.cost.per_item
         if deadline is not None:
+            # The search's own work counts too: one admitted here only to be refused after tokenizing
+            # (at submit) costs the tokenizer's CPU, which under a sustained overload is the model's.
             now = time.monotonic()
             ahead = self._ahead(now, deadline)
-            if ahead > 0 and now + ahead > deadline:
+            if ahead > 0 and now + ahead + own > deadline:
                 self.stats.refused_wait_jobs += 1
                 raise WaitTooLong(
-                    f"about {ahead * 1000:.0f} ms of queued work is due first and "
-                    f"{max(0.0, deadline - now) * 1000:.0f} ms are left"
+                    f"about {ahead * 1000:.0f} ms of queued work is due first, its own is about "
+                    f"{own * 1000:.0f} ms and {max(0.0, deadline - now) * 1000:.0f} ms are left"
                 )
-        ticket = Ticket(n * self.cost.per_item)
+        ticket = Ticket(own)
         self._reserved += ticket.seconds
         return ticket
 

@@ -323,13 +323,15 @@ async def test_admission_by_estimated_wait() -> None:
         q.admit(1, deadline=now + 5.5)
     q.release(ticket)
     q.release(ticket)  # releasing twice is harmless
+    with pytest.raises(WaitTooLong):  # 3 s queued fit a 5.5 s deadline; with its own 3 s they do not
+        q.admit(3, deadline=now + 5.5)
     q.release(q.admit(1, deadline=now + 5.5))
     fits = asyncio.ensure_future(q.submit(items("fits", [100]), deadline=now + 9))
     await asyncio.sleep(0.01)
     forward.gate.set()
     assert await fits == ["fits:0"]
     await a
-    assert forward.ran("late") == [] and q.stats.refused_wait_jobs == 2
+    assert forward.ran("late") == [] and q.stats.refused_wait_jobs == 3
     # Without a deadline nothing is refused by wait.
     assert await q.submit(items("none", [100])) == ["none:0"]
     await q.aclose()
