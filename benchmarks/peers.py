@@ -6,7 +6,8 @@ rank order, ``max_length`` 256) with the same weights, on the same machine, in o
 - **engine**, the proxy's own scorer, loaded through its public path (``build_model``,
   ``limits_of``, ``EngineScorer``) at ``rerank.dtype`` float32 and at ``auto`` (whatever ``auto``
   resolves to on this machine when the run happens; the JSON records it). Searches of 100 pairs,
-  submitted concurrently as the proxy does: all at once, and 4 in flight;
+  submitted concurrently as the proxy does: all at once, and 4 in flight; with ``--compile``, also
+  at ``auto`` with ``rerank.compile: true`` (torch.compile; on CPU it needs a C++ compiler);
 - **CrossEncoder.predict**, ``sentence_transformers.CrossEncoder(folder).predict(pairs,
   batch_size=32)``, the usage most projects start from (the optional extra ``peers``);
 - **infinity-emb**, a real rerank server (PyPI ``infinity-emb[server,torch]``, its own virtual
@@ -20,7 +21,8 @@ contender's scores are checked against the engine's float32 scores (Spearman ran
 peers apply a sigmoid, ranks are what a reranker is for), which proves the weights and pairs are the
 same; the ``minilm`` model's random head is drawn once and saved into the folder every contender loads.
 
-    python benchmarks/peers.py [--model auto|minilm|tiny|PATH] [--pairs 800] [--rounds 2] [--out PATH]
+    python benchmarks/peers.py [--model auto|minilm|tiny|PATH] [--pairs 800] [--rounds 2] [--compile]
+                               [--out PATH]
 
 Writes ``benchmarks/results/peers-<model>.json`` and ``.md`` (the table for benchmarks/README.md).
 """
@@ -98,14 +100,21 @@ def fixed_head_folder(source: str, dest: Path) -> str:
 class Engine:
     """The proxy's scorer as the proxy loads it, with an unbounded queue and no deadline."""
 
-    def __init__(self, folder: str, dtype: str) -> None:
-        cfg = RerankConfig(model=folder, dtype=dtype, max_length=MAX_LENGTH, max_queued_pairs=10**7)
+    def __init__(self, folder: str, dtype: str, compile: bool = False) -> None:
+        cfg = RerankConfig(
+            model=folder, dtype=dtype, max_length=MAX_LENGTH, max_queued_pairs=10**7, compile=compile
+        )
         self.cfg = cfg
         self.model: Any = build_model(cfg)
         self.limits = replace(limits_of(cfg, self.model.device), max_queued=10**7)
 
     def describe(self) -> dict[str, Any]:
-        out = {"requested_dtype": self.cfg.dtype, "dtype": self.model.dtype, "device": self.model.device}
+        out = {
+            "requested_dtype": self.cfg.dtype,
+            "dtype": self.model.dtype,
+            "device": self.model.device,
+            "compile": self.cfg.compile,
+        }
         for extra in ("autocast", "autocast_dtype", "compute_dtype"):
             if hasattr(self.model, extra):
                 out[extra] = str(getattr(self.model, extra))
@@ -273,11 +282,14 @@ ROWS = [
     ("engine_auto_all", "engine, `auto` dtype", "all searches at once"),
     ("engine_float32_4", "engine, float32", f"{IN_FLIGHT} searches in flight"),
     ("engine_auto_4", "engine, `auto` dtype", f"{IN_FLIGHT} searches in flight"),
+    ("engine_compiled_all", "engine, `auto` dtype, `rerank.compile: true`", "all searches at once"),
+    ("engine_compiled_4", "engine, `auto` dtype, `rerank.compile: true`", f"{IN_FLIGHT} searches in flight"),
     ("predict", "`CrossEncoder.predict(pairs, batch_size=32)`", "one call, every pair"),
     ("infinity", "infinity-emb over HTTP, float32", f"{IN_FLIGHT} `POST /rerank` in flight"),
 ]
 # Like with like: predict gets every pair at once, so the engine's all-at-once figure is compared;
 # infinity gets 4 searches in flight, so the engine's figure at 4 in flight is.
+ENGINES = ("float32", "auto", "compiled")  # compiled: auto dtype with rerank.compile (--compile)
 RATIOS = [
     ("CrossEncoder.predict", "predict", "all"),
     (f"infinity-emb, both {IN_FLIGHT} searches in flight", "infinity", "4"),
@@ -304,17 +316,24 @@ def table(result: dict[str, Any]) -> str:
             continue
         rho = "(reference)" if key == "engine_float32_all" else f"{row['spearman_vs_engine_float32']:.5f}"
         lines.append(f"| {label} | {how} | {rate[key]:.1f} | {rho} |")
-    lines += ["", "| engine / peer | engine float32 | engine `auto` dtype |", "|---|---|---|"]
+    kinds = [k for k in ENGINES if any(key.startswith(f"engine_{k}_") for key in rate)]
+    heads = {
+        "float32": "engine float32",
+        "auto": "engine `auto` dtype",
+        "compiled": "engine `auto` + compile",
+    }
+    lines += ["", "| engine / peer | " + " | ".join(heads[k] for k in kinds) + " |"]
+    lines.append("|---|" + "---|" * len(kinds))
     for name, peer, level in RATIOS:
         if peer not in rate:
             continue
         cells = [
-            f"**{rate[f'engine_{dtype}_{level}'] / rate[peer]:.2f}x**"
-            if f"engine_{dtype}_{level}" in rate
+            f"**{rate[f'engine_{kind}_{level}'] / rate[peer]:.2f}x**"
+            if f"engine_{kind}_{level}" in rate
             else "-"
-            for dtype in ("float32", "auto")
+            for kind in kinds
         ]
-        lines.append(f"| vs {name} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| vs {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -322,8 +341,8 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
     rate = {k: v["pairs_per_s"] for k, v in result["contenders"].items() if "pairs_per_s" in v}
     out = {}
     for _, peer, level in RATIOS:
-        for dtype in ("float32", "auto"):
-            engine = f"engine_{dtype}_{level}"
+        for kind in ENGINES:
+            engine = f"engine_{kind}_{level}"
             if peer in rate and engine in rate:
                 out[f"{engine}_vs_{peer}"] = rate[engine] / rate[peer]
     return out
@@ -344,6 +363,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; figures are medians")
     ap.add_argument("--no-infinity", action="store_true", help="leave infinity-emb out")
     ap.add_argument("--no-predict", action="store_true", help="leave CrossEncoder.predict out")
+    ap.add_argument(
+        "--compile", action="store_true", help="also the engine at auto dtype with rerank.compile: true"
+    )
     ap.add_argument("--data", type=Path, default=datasets.DEFAULT_ROOT)
     ap.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/peers-<model>.json)")
     args = ap.parse_args()
@@ -360,6 +382,8 @@ def main() -> None:
         source, described, label = model_folder(args.model, Path(tmp), list(col.corpus.values())[:2000])
         folder = fixed_head_folder(source, Path(tmp) / "cross-encoder")
         engines = {"float32": Engine(folder, "float32"), "auto": Engine(folder, "auto")}
+        if args.compile:
+            engines["compiled"] = Engine(folder, "auto", compile=True)
         import torch
 
         result: dict[str, Any] = {
@@ -436,9 +460,9 @@ def main() -> None:
     result["setup"]["uptime_after"] = load_average()
     result["ratios"] = ratios(result)
     result["targets"] = {
-        f"engine_auto >= 2x {peer}": value >= 2
+        f"{key.split('_vs_')[0].rsplit('_', 1)[0]} >= 2x {peer}": value >= 2
         for key, value in result["ratios"].items()
-        if key.startswith("engine_auto")
+        if key.startswith(("engine_auto", "engine_compiled"))
         for peer in [key.split("_vs_")[1]]
     }
     out = args.out or ROOT / "benchmarks" / "results" / f"peers-{label}.json"

@@ -148,16 +148,25 @@ class CostModel:
     def __init__(self) -> None:
         self.per_token: dict[int, float] = {}
         self.per_item = 0.0
+        self._seconds = 0.0  # moving averages of a batch's seconds and items: per_item is their ratio
+        self._items = 0.0
 
     def forget(self) -> None:
-        self.per_token, self.per_item = {}, 0.0
+        self.per_token, self.per_item, self._seconds, self._items = {}, 0.0, 0.0, 0.0
 
     def observe(self, n: int, longest: int, real_tokens: int, seconds: float) -> None:
         b, a = bucket(longest), self.ALPHA
         rate = seconds / max(1, real_tokens)
         old = self.per_token.get(b)
         self.per_token[b] = rate if old is None else (1 - a) * old + a * rate
-        self.per_item = seconds / n if not self.per_item else (1 - a) * self.per_item + a * seconds / n
+        # Seconds per item as a ratio of averages, not an average of ratios: a one-pair batch (mostly
+        # fixed cost per forward pass) would otherwise count as much as a full one, and a single slow
+        # small batch could make every search look too long to admit, with nothing admitted to
+        # correct it.
+        first = not self._items
+        self._seconds = seconds if first else (1 - a) * self._seconds + a * seconds
+        self._items = n if first else (1 - a) * self._items + a * n
+        self.per_item = self._seconds / self._items
 
     def token_rate(self, b: int) -> float:
         """Seconds per token in bucket ``b``, from the nearest bucket measured; 0 before any batch."""

@@ -13,6 +13,7 @@ import pytest
 from proxy.batching import (
     BatchLimits,
     BatchQueue,
+    CostModel,
     DeadlineMissed,
     QueueClosed,
     QueueFull,
@@ -369,3 +370,17 @@ async def test_out_of_memory_splits_the_batch_and_only_what_still_fails_falls_ba
     assert all(len(batch) <= 2 for batch in forward.batches if batch[0][0] != "OOM")
     assert q.stats.queued == 0
     await q.aclose()
+
+
+def test_seconds_per_item_is_not_pulled_up_by_a_small_batch() -> None:
+    """A one-pair forward pass costs mostly its fixed overhead: after a full batch at 10 ms a pair, a
+    one-pair batch of 50 ms must not make a 100-pair search look twice as long as it is (admission by
+    estimated wait would then refuse searches that fit)."""
+    cost = CostModel()
+    cost.observe(64, 100, 6400, 0.64)
+    cost.observe(1, 100, 100, 0.05)
+    assert cost.per_item == pytest.approx(0.0103, rel=0.02)
+    cost.forget()
+    assert cost.per_item == 0.0
+    cost.observe(2, 10, 20, 0.5)
+    assert cost.per_item == pytest.approx(0.25)
