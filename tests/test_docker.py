@@ -48,3 +48,15 @@ def test_compose_checks_readiness_and_keeps_admin_off_the_network() -> None:
     grace = int(proxy["stop_grace_period"].rstrip("s"))
     assert grace > ServerConfig().shutdown_timeout_s
     assert set(GPU["services"]["proxy"]["healthcheck"]) <= set(proxy["healthcheck"])  # an override
+
+
+def test_the_compiler_build_argument_installs_what_compile_looks_for() -> None:
+    """``rerank.compile`` looks for g++ (inductor, CPU) and gcc (Triton, cuda): the runtime stage
+    installs g++, which brings gcc, when built with WITH_COMPILER=1, and nothing by default."""
+    runtime = DOCKERFILE[DOCKERFILE.index("AS runtime") :]
+    assert re.search(r"^ARG WITH_COMPILER=0$", runtime, re.MULTILINE)
+    step = re.search(
+        r'^RUN if \[ "\$\{WITH_COMPILER\}" = "1" \]; then(.*?)fi$', runtime, re.MULTILINE | re.DOTALL
+    )
+    assert step is not None and "apt-get install -y --no-install-recommends g++" in step.group(1)
+    assert runtime.index("ARG WITH_COMPILER") < runtime.index("USER app")  # installed as root
