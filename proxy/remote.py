@@ -43,7 +43,7 @@ import orjson
 from .batching import QueueFull, Shed
 from .config import RerankConfig, mask_url
 from .runtime import ModelLoadError
-from .score_cache import ScoreCache
+from .score_cache import ScoreCache, through_cache
 
 log = logging.getLogger(__name__)
 
@@ -180,30 +180,21 @@ class RemoteScorer:
         if not passages:
             return []
         deadline = time.monotonic() + budget_s
-        found: list[float | None] = (
-            self.cache.lookup(self.name, query, passages)
-            if self.cache is not None
-            else [None] * len(passages)
-        )
-        todo = [i for i, s in enumerate(found) if s is None]
-        if todo:
+
+        async def call(texts: list[str]) -> list[float]:
             limit = self.cfg.max_queued_pairs
-            if self.pending + len(todo) > limit:
+            if self.pending + len(texts) > limit:
                 raise QueueFull(
                     f"{self.pending} passages already wait for the rerank server (rerank.max_queued_pairs "
-                    f"{limit}); this search has {len(todo)}"
+                    f"{limit}); this search has {len(texts)}"
                 )
-            texts = [passages[i] for i in todo]
             self.pending += len(texts)
             try:
-                fresh = await self._chunks(query, texts, deadline)
+                return await self._chunks(query, texts, deadline)
             finally:
                 self.pending -= len(texts)
-            for i, value in zip(todo, fresh, strict=True):
-                found[i] = value
-            if self.cache is not None:
-                self.cache.store(self.name, query, texts, fresh)
-        return [s for s in found if s is not None]
+
+        return await through_cache(self.cache, self.name, query, passages, call)
 
     async def _chunks(self, query: str, texts: list[str], deadline: float) -> list[float]:
         """All chunks at once; the first failure cancels the others (their answers are useless)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 
 def passage_key(model: str, query: str, passage: str) -> tuple[str, str, bytes]:
@@ -50,3 +50,27 @@ class ScoreCache:
             self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+
+async def through_cache(
+    cache: ScoreCache | None,
+    model: str,
+    query: str,
+    passages: Sequence[str],
+    score: Callable[[list[str]], Awaitable[list[float]]],
+) -> list[float]:
+    """One score per passage: the cached ones from ``cache`` (none when it is None), the others from
+    one call of ``score`` with just those passages, which are then stored. Every scorer kind (local
+    engine, remote server) goes through here, so a cache behaves the same whatever scores."""
+    found: list[float | None] = (
+        cache.lookup(model, query, passages) if cache is not None else [None] * len(passages)
+    )
+    todo = [i for i, s in enumerate(found) if s is None]
+    if todo:
+        texts = [passages[i] for i in todo]
+        fresh = await score(texts)
+        for i, value in zip(todo, fresh, strict=True):
+            found[i] = value
+        if cache is not None:
+            cache.store(model, query, texts, fresh)
+    return [float(s) for s in found if s is not None]

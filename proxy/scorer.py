@@ -21,7 +21,7 @@ from .batching import BatchLimits, BatchQueue, batch_size_for
 from .config import RerankConfig
 from .remote import open_remote_scorer
 from .runtime import ModelLoadError, empty_device_cache, out_of_memory_errors, usable_cores
-from .score_cache import ScoreCache
+from .score_cache import ScoreCache, through_cache
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,11 @@ class EngineScorer:
     async def score(self, query: str, passages: Sequence[str]) -> list[float]:
         if not passages:
             return []
-        cached: list[float | None] = (
-            self.cache.lookup(self.name, query, passages)
-            if self.cache is not None
-            else [None] * len(passages)
-        )
-        todo = [i for i, s in enumerate(cached) if s is None]
-        if todo:
+
+        async def run(texts: list[str]) -> list[float]:
             deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
             # At least one item per passage: refuse before tokenizing, and reserve the estimated work.
-            ticket = self.queue.admit(len(todo), deadline)
-            texts = [passages[i] for i in todo]
+            ticket = self.queue.admit(len(texts), deadline)
             loop = asyncio.get_running_loop()
             try:
                 items, plan = await loop.run_in_executor(
@@ -127,12 +121,9 @@ class EngineScorer:
                 results = await self.queue.submit(items, deadline, ticket)
             finally:
                 self.queue.release(ticket)
-            fresh = self.model.reduce(results, plan, len(texts))
-            for i, value in zip(todo, fresh, strict=True):
-                cached[i] = value
-            if self.cache is not None:
-                self.cache.store(self.name, query, texts, fresh)
-        return [float(s) for s in cached]  # type: ignore[arg-type]
+            return self.model.reduce(results, plan, len(texts))
+
+        return await through_cache(self.cache, self.name, query, passages, run)
 
     async def calibrate(self, max_length: int, largest: int) -> None:
         """The queue's first cost figures, so admission by estimated wait works from the first
