@@ -13,7 +13,7 @@ demo: install       ## one question asked of Elasticsearch and of the proxy, sid
 test: install infinity   ## the whole test suite (starts real Elasticsearch 8/9 and OpenSearch 2/3, and infinity-emb; one alone: PYTEST_ARGS="-m os3")
 	.venv/bin/python -m pytest -rs $(PYTEST_ARGS)
 
-infinity: install   ## .venv-infinity: infinity-emb, the rerank server the remote-backend tests run (kept in ~/.cache once per machine)
+infinity: install   ## .venv-infinity: infinity-emb, the rerank server the remote-backend tests run (shares .venv's torch)
 	bash scripts/infinity.sh >/dev/null
 
 lint: install       ## ruff + strict mypy
@@ -48,5 +48,5 @@ es-start:           ## a local Elasticsearch on 127.0.0.1:9200
 es-stop:
 	bash scripts/elasticsearch.sh stop
 
-clean:               ## .venv-infinity is a link: the environment it names stays in the user's cache
+clean:               ## every environment and cache the build made in the clone
 	rm -rf .venv .venv-infinity build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,8 @@
 """End to end with a real rerank server: the proxy, configured with ``rerank.backend: cohere``, in front
 of the real Elasticsearch, scoring on infinity-emb.
 
-infinity-emb runs from its own virtual environment (``scripts/infinity.sh`` makes it once per machine:
-it pins transformers 4, the proxy runs 5), offline, on loopback, serving a tiny cross-encoder folder
+infinity-emb runs from its own virtual environment (``scripts/infinity.sh`` makes it once per clone,
+sharing .venv's torch: it pins transformers 4, the proxy runs 5), offline, on loopback, serving a tiny cross-encoder folder
 built here. Its own answers for the same passages are the expected order, so the test checks the
 proxy against the server, not against itself. When the environment cannot be made the tests fail with
 the script's reason: a suite that silently skipped them would claim a remote backend it never ran.
@@ -35,7 +35,7 @@ TOP_K = 20
 
 @pytest.fixture(scope="module")
 def infinity_emb() -> str:
-    """The ``infinity_emb`` command; made by scripts/infinity.sh when this machine has none yet."""
+    """The ``infinity_emb`` command; made by scripts/infinity.sh when this clone has none yet."""
     command, why = infinity_command()
     if command is None:
         pytest.fail(f"no infinity-emb server to test the remote backend with: {why}", pytrace=False)
