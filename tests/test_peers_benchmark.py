@@ -1,9 +1,9 @@
 """benchmarks/peers.py runs from a fresh clone: tiny model, engine and CrossEncoder.predict, offline.
 
 infinity-emb is left out (``--no-infinity``): starting the server takes longer than the rest of the
-run, and tests/test_remote_infinity.py already runs it for real. Figures are not asserted; what is checked is that
-every contender ran on the same weights and pairs (its ranks agree with the engine's float32 scores)
-and that the JSON and the Markdown table were written.
+run, and tests/test_remote_infinity.py already runs it for real. Figures are not asserted; what is
+checked is that every contender ran on the same weights and pairs (its ranks agree with the engine's
+float32 scores) and that the JSON and the Markdown table were written.
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 of the real Elasticsearch, scoring on infinity-emb.
 
 infinity-emb runs from its own virtual environment (``scripts/infinity.sh`` makes it once per clone,
-sharing .venv's torch: it pins transformers 4, the proxy runs 5), offline, on loopback, serving a tiny cross-encoder folder
-built here. Its own answers for the same passages are the expected order, so the test checks the
-proxy against the server, not against itself. When the environment cannot be made the tests fail with
-the script's reason: a suite that silently skipped them would claim a remote backend it never ran.
+sharing .venv's torch: it pins transformers 4, the proxy runs 5), offline, on loopback, serving a
+tiny cross-encoder folder built here. Its own answers for the same passages are the expected order,
+so the test checks the proxy against the server, not against itself. When the environment cannot be
+made the tests fail with the script's reason: a suite that silently skipped them would claim a
+remote backend it never ran.
 """
 
 from __future__ import annotations
