@@ -17,7 +17,8 @@ Method, over the measured window:
 1. py-spy samples the proxy's Python threads (``py-spy record --format raw --rate 100 --threads``;
    idle threads are left out, py-spy's default, and ``--gil`` is not used: the forward pass and the
    tokenizer run without the GIL). Each sample is put in one category by its stack: ``forward`` (under
-   ``run_batch``, inside the torch module's call), ``batch tensors`` (``tensors``/``batch_tensors``),
+   ``run_batch``/``run_prepared``, inside the torch module's call), ``batch tensors``
+   (``prepare``/``batch_tensors``, on the model thread or the queue's prepare thread),
    ``tokenize`` (``encode``, the tokenizers and transformers tokenization code), ``json`` (orjson,
    ``es_json``, a proxy line that calls them), ``http & event loop`` (innermost frame in aiohttp,
    asyncio, selectors, sockets, multidict, yarl, gzip: aiohttp clients ask for compressed answers),
@@ -278,15 +279,15 @@ def classify(frames: list[Frame]) -> str:
     """One sample's category, from its stack (outermost frame first)."""
     method = [func.rpartition(".")[2] for func, _, _ in frames]
     for i, (name, (_, file, _)) in enumerate(zip(method, frames, strict=True)):
-        if name == "run_batch" and in_proxy(file):
+        if name in ("run_batch", "run_prepared") and in_proxy(file):
             below = frames[i + 1 :]
             if any(f for _, f, _ in below if "/torch/nn/" in f or "/transformers/" in f or "/_dynamo/" in f):
                 return "forward"
-            if any(m in ("tensors", "batch_tensors") for m in method[i + 1 :]):
+            if any(m in ("prepare", "batch_tensors") for m in method[i + 1 :]):
                 return "batch tensors"
             return "other"  # results read back, the batch's bookkeeping
     for name, (_, file, _) in zip(method, frames, strict=True):
-        if name in ("tensors", "batch_tensors") and in_proxy(file):
+        if name in ("prepare", "batch_tensors") and in_proxy(file):
             return "batch tensors"
         if (name == "encode" and in_proxy(file)) or "/tokenizers/" in file or "/transformers/tokeniz" in file:
             return "tokenize"

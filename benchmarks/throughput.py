@@ -57,7 +57,7 @@ from benchmarks.common import (
     peak_rss_mib,
     proxy_process,
 )
-from proxy.batching import BatchLimits
+from proxy.batch_cost import BatchLimits
 from proxy.config import RerankConfig
 from proxy.cross_encoder import CrossEncoderModel
 from proxy.scorer import EngineScorer, limits_of

@@ -27,6 +27,13 @@ Ways out, each resolving every waiter concerned:
 
 Every early answer is a :class:`Shed` whose ``reason`` is the ``X-Rerank-Reason`` the search gets.
 The forward pass runs on one dedicated executor thread, so the event loop only does the bookkeeping.
+
+With a ``prepare`` step (padding a batch into tensors, on cuda copying them to the device), the host
+work of the next batch overlaps the forward pass of the current one: while a batch runs and the queue
+still holds at least a full batch, the next one is cut and prepared on a second thread, and starts
+the moment the model thread is free. A queue with less than a full batch waiting keeps filling
+instead (a batch cut early would run half empty). On cuda the prepared tensors are queued on the
+same stream as the running forward pass, so they are never read before they are written.
 """
 
 from __future__ import annotations
@@ -40,8 +47,10 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .batch_cost import BatchLimits, CostModel, QueueStats, bucket
 
 log = logging.getLogger(__name__)
 
@@ -75,109 +84,6 @@ class DeadlineMissed(Shed):
 
 class QueueClosed(RuntimeError):
     """The scorer is shutting down."""
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    max_batch_tokens: int  # padded tokens per forward pass: items x longest item
-    max_batch_pairs: int  # items per forward pass
-    max_wait_ms: float  # how long the oldest waiting item may wait for a batch to fill
-    max_queued: int  # items admitted and not yet scored, across all jobs
-
-
-# Upper bounds (seconds) of the queue-wait histogram's buckets; one more bucket holds longer waits.
-WAIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-@dataclass
-class QueueStats:
-    """Counters since start; ``queued`` is the current depth. Read by tests, benchmarks and metrics."""
-
-    queued: int = 0
-    jobs: int = 0
-    rejected_jobs: int = 0  # refused by the bound (overloaded)
-    refused_wait_jobs: int = 0  # refused on arrival by estimated wait (queue_wait)
-    dropped_late_jobs: int = 0  # dropped in the queue by deadline (deadline)
-    cancelled_items: int = 0
-    batches: int = 0
-    failed_batches: int = 0
-    split_batches: int = 0
-    items: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    forward_seconds: float = 0.0
-    # Jobs by how long they waited from submission until their first item entered a batch, one count
-    # per WAIT_BUCKETS_S bucket (not cumulative) plus one for longer waits, and the waits' sum: what
-    # the metrics serve as a histogram, kept here so that no wait before the first scrape is lost.
-    wait_counts: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS_S) + 1))
-    wait_seconds: float = 0.0
-    batch_shapes: list[tuple[int, int]] = field(default_factory=list)  # (items, longest), last 1000
-
-    def record(self, n: int, longest: int, real: int, seconds: float) -> None:
-        self.batches += 1
-        self.items += n
-        self.real_tokens += real
-        self.padded_tokens += n * longest
-        self.forward_seconds += seconds
-        self.batch_shapes.append((n, longest))
-        del self.batch_shapes[:-1000]
-
-    def record_wait(self, seconds: float) -> None:
-        self.wait_counts[bisect.bisect_left(WAIT_BUCKETS_S, seconds)] += 1
-        self.wait_seconds += seconds
-
-
-def batch_size_for(longest: int, limits: BatchLimits) -> int:
-    """How many items, all at most ``longest`` tokens, fit one forward pass (at least one)."""
-    return max(1, min(limits.max_batch_pairs, limits.max_batch_tokens // max(1, longest)))
-
-
-def bucket(length: int) -> int:
-    """Length bucket: items of 2**(b-1)+1 .. 2**b tokens share bucket b."""
-    return max(0, length - 1).bit_length()
-
-
-class CostModel:
-    """Seconds of forward pass per real token, learnt per length bucket of a batch's longest item
-    (attention grows with length, so a token of a 256-token batch costs more than one of a 32-token
-    batch), and seconds per item overall for estimates made before tokenizing. Moving averages, so a
-    machine that slows down (another process on the cores) is followed within a few batches."""
-
-    ALPHA = 0.3
-
-    def __init__(self) -> None:
-        self.per_token: dict[int, float] = {}
-        self.per_item = 0.0
-        self._seconds = 0.0  # moving averages of a batch's seconds and items: per_item is their ratio
-        self._items = 0.0
-
-    def forget(self) -> None:
-        self.per_token, self.per_item, self._seconds, self._items = {}, 0.0, 0.0, 0.0
-
-    def observe(self, n: int, longest: int, real_tokens: int, seconds: float) -> None:
-        b, a = bucket(longest), self.ALPHA
-        rate = seconds / max(1, real_tokens)
-        old = self.per_token.get(b)
-        self.per_token[b] = rate if old is None else (1 - a) * old + a * rate
-        # Seconds per item as a ratio of averages, not an average of ratios: a one-pair batch (mostly
-        # fixed cost per forward pass) would otherwise count as much as a full one, and a single slow
-        # small batch could make every search look too long to admit, with nothing admitted to
-        # correct it.
-        first = not self._items
-        self._seconds = seconds if first else (1 - a) * self._seconds + a * seconds
-        self._items = n if first else (1 - a) * self._items + a * n
-        self.per_item = self._seconds / self._items
-
-    def token_rate(self, b: int) -> float:
-        """Seconds per token in bucket ``b``, from the nearest bucket measured; 0 before any batch."""
-        if b in self.per_token:
-            return self.per_token[b]
-        if not self.per_token:
-            return 0.0
-        return self.per_token[min(self.per_token, key=lambda k: (abs(k - b), -k))]
-
-    def seconds(self, tokens_by_bucket: dict[int, int]) -> float:
-        return sum(tokens * self.token_rate(b) for b, tokens in tokens_by_bucket.items())
 
 
 class _Job(Generic[T, R]):
@@ -226,6 +132,15 @@ class _Job(Generic[T, R]):
 
 
 @dataclass
+class _Staged(Generic[T, R]):
+    """The next batch, cut from the queue and being prepared while the current one runs."""
+
+    batch: list[tuple[_Job[T, R], int]]
+    longest: int
+    payload: asyncio.Future[Any]
+
+
+@dataclass
 class Ticket:
     """Work reserved by :meth:`BatchQueue.admit` until the job is submitted or given up."""
 
@@ -236,23 +151,32 @@ class Ticket:
 class BatchQueue(Generic[T, R]):
     """Runs ``run_batch`` (blocking: a forward pass) over items from concurrent jobs.
 
-    ``run_batch`` gets a list of items and returns one result per item, in order. ``length`` gives
-    an item's token count, known before queueing because items are tokenized first. ``split_on``:
-    exceptions of ``run_batch`` after which the batch is retried in halves (out of memory).
+    ``run_batch`` gets a list of items and returns one result per item, in order; with ``prepare``,
+    it gets what ``prepare`` made of that list instead (tensors), and ``prepare`` of the next batch
+    may run on its own thread while ``run_batch`` runs. ``length`` gives an item's token count, known
+    before queueing because items are tokenized first. ``split_on``: exceptions of ``run_batch`` after
+    which the batch is retried in halves (out of memory).
     """
 
     def __init__(
         self,
-        run_batch: Callable[[list[T]], Sequence[R]],
+        run_batch: Callable[[Any], Sequence[R]],
         length: Callable[[T], int],
         limits: BatchLimits,
         *,
+        prepare: Callable[[list[T]], Any] | None = None,
         executor: Executor | None = None,
         name: str = "model",
         split_on: tuple[type[BaseException], ...] = (),
         after_split: Callable[[], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._prepare = prepare
+        self._prepare_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-prepare") if prepare else None
+        )
+        self._staged: _Staged[T, R] | None = None
+        self._current: list[tuple[_Job[T, R], int]] | None = None  # the batch in the forward pass
         self._length = length
         self.limits = limits
         self.stats = QueueStats()
@@ -262,8 +186,8 @@ class BatchQueue(Generic[T, R]):
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-forward")
         self._jobs: list[_Job[T, R]] = []  # jobs with pending items, in deadline order
-        self._running: list[_Job[T, R]] = []  # jobs with items in the forward pass now
-        self._busy_until = 0.0  # estimated end of the forward pass now running
+        self._running: list[_Job[T, R]] = []  # jobs with items in the forward pass now (or staged)
+        self._busy_until = 0.0  # estimated end of the forward pass now running (and the staged one)
         self._reserved = 0.0  # seconds of work admitted and not yet submitted
         self._seq = itertools.count()
         self._wake: asyncio.Event | None = None
@@ -342,6 +266,8 @@ class BatchQueue(Generic[T, R]):
         self.stats.jobs += 1
         bisect.insort(self._jobs, job, key=_Job.key)
         self._ensure_worker().set()
+        if self._current is not None:  # a forward pass is running: the next batch may be cut now
+            self._stage_next(loop, self._current)
         try:
             return await asyncio.shield(job.future)
         except asyncio.CancelledError:
@@ -401,7 +327,12 @@ class BatchQueue(Generic[T, R]):
 
     def _next_batch(self) -> tuple[list[tuple[_Job[T, R], int]], int]:
         """One batch from the head of the queue: the earliest job's items longest first, then the next
-        jobs' items while the batch stays within both budgets."""
+        jobs' items while the batch stays within both budgets.
+
+        An item joins a started batch only if it is no longer than the batch's longest item: topping
+        a batch up with a later job's longest items would pad every item already in it to their
+        length (five 30-token pairs padded to 256 to ride with three long ones). A later job's
+        shorter items fill the room instead, and its long ones lead a batch of their own."""
         lim = self.limits
         batch: list[tuple[_Job[T, R], int]] = []
         longest = 0
@@ -409,11 +340,13 @@ class BatchQueue(Generic[T, R]):
         for job in self._jobs:
             keep: list[int] = []
             for i in job.pending:
-                n, widest = len(batch) + 1, max(longest, job.lengths[i])
-                if n <= lim.max_batch_pairs and (n * widest <= lim.max_batch_tokens or not batch):
+                n, length = len(batch) + 1, job.lengths[i]
+                if not batch or (
+                    n <= lim.max_batch_pairs and length <= longest and n * longest <= lim.max_batch_tokens
+                ):
                     batch.append((job, i))
                     job.take(i)
-                    longest = widest
+                    longest = max(longest, length)
                 else:
                     keep.append(i)
             if not job.started and len(keep) < len(job.pending):
@@ -428,45 +361,113 @@ class BatchQueue(Generic[T, R]):
     async def _work(self, wake: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await wake.wait()
-            # Let a batch fill, but the oldest waiter never waits more than max_wait_ms for it.
-            oldest = min((job.enqueued for job in self._jobs), default=0.0)
-            deadline = oldest + self.limits.max_wait_ms / 1000
-            while self._jobs and not self._full():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                wake.clear()
-                try:
-                    await asyncio.wait_for(wake.wait(), left)
-                except TimeoutError:
-                    break
-            wake.clear()
+            staged, self._staged = self._staged, None
+            if staged is None:
+                await self._fill(wake)
             try:
-                self._drop_late(time.monotonic())
-                batch, longest = self._next_batch()
-                if batch:
-                    await self._run_one(loop, batch, longest)
+                if staged is not None:
+                    await self._run_staged(loop, staged)
+                else:
+                    self._drop_late(time.monotonic())
+                    batch, longest = self._next_batch()
+                    if batch:
+                        await self._run_one(loop, batch, longest)
             except Exception as exc:  # a bookkeeping bug must not leave waiters hanging
                 log.exception("batching step failed")
                 for job in [*self._running, *self._jobs]:
                     self._fail(job, exc)
-            self._running = []
+                self._staged = None
+            self._running = self._jobs_of(self._staged.batch) if self._staged else []
             if self._jobs:
                 wake.set()
 
+    async def _fill(self, wake: asyncio.Event) -> None:
+        """Until there is work, then let a batch fill, but the oldest waiter never waits more than
+        max_wait_ms for it."""
+        await wake.wait()
+        oldest = min((job.enqueued for job in self._jobs), default=0.0)
+        deadline = oldest + self.limits.max_wait_ms / 1000
+        while self._jobs and not self._full():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), left)
+            except TimeoutError:
+                break
+        wake.clear()
+
+    @staticmethod
+    def _jobs_of(batch: list[tuple[_Job[T, R], int]]) -> list[_Job[T, R]]:
+        return list({id(j): j for j, _ in batch}.values())
+
+    def _estimate(self, batch: list[tuple[_Job[T, R], int]], longest: int) -> float:
+        return self.cost.seconds({bucket(longest): len(batch) * longest})
+
+    def _stage_next(self, loop: asyncio.AbstractEventLoop, running: list[tuple[_Job[T, R], int]]) -> None:
+        """While a forward pass runs: cut the next batch and prepare it on the prepare thread, when
+        the queue holds at least a full batch (less, and it is better left to fill)."""
+        if self._prepare is None or self._prepare_executor is None or self._staged is not None:
+            return
+        if not self._jobs or not self._full():
+            return
+        self._drop_late(time.monotonic())
+        batch, longest = self._next_batch()
+        if not batch:
+            return
+        items = [j.items[i] for j, i in batch]
+        payload = loop.run_in_executor(self._prepare_executor, self._prepare, items)
+        self._staged = _Staged(batch, longest, payload)
+        self._running = self._jobs_of(running + batch)
+        self._busy_until += self._estimate(batch, longest)
+
+    async def _run_staged(self, loop: asyncio.AbstractEventLoop, staged: _Staged[T, R]) -> None:
+        """Run a batch prepared ahead, unless every job in it went away meanwhile."""
+        try:
+            payload = await staged.payload
+        except Exception as exc:
+            self._batch_failed(staged.batch, exc)
+            return
+        live = [(j, i) for j, i in staged.batch if j.remaining]
+        if live:
+            await self._run_one(loop, staged.batch, staged.longest, payload)
+
+    def _batch_failed(self, batch: list[tuple[_Job[T, R], int]], exc: BaseException) -> None:
+        self.stats.failed_batches += 1
+        log.warning("a forward pass of %d items failed: %s: %s", len(batch), type(exc).__name__, exc)
+        for job in self._jobs_of(batch):
+            self._fail(job, exc)
+
+    def _forward(self, items: list[T], payload: Any) -> Callable[[], Sequence[R]]:
+        """The model thread's call: prepared ahead, or preparing there and then."""
+        if payload is not None:
+            return lambda: self._run_batch(payload)
+        prepare = self._prepare
+        if prepare is None:
+            return lambda: self._run_batch(items)
+        return lambda: self._run_batch(prepare(items))
+
     async def _run_one(
-        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Job[T, R], int]], longest: int
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[_Job[T, R], int]],
+        longest: int,
+        payload: Any = None,
     ) -> None:
-        self._running = list({id(j): j for j, _ in batch}.values())
+        self._running = self._jobs_of(batch + (self._staged.batch if self._staged else []))
         real = sum(j.lengths[i] for j, i in batch)
         started = time.perf_counter()
-        self._busy_until = time.monotonic() + self.cost.seconds({bucket(longest): len(batch) * longest})
+        self._busy_until = time.monotonic() + self._estimate(batch, longest)
+        forward = loop.run_in_executor(self._executor, self._forward([j.items[i] for j, i in batch], payload))
+        self._current = batch
         try:
-            out = await loop.run_in_executor(self._executor, self._run_batch, [j.items[i] for j, i in batch])
+            self._stage_next(loop, batch)
+            out = await forward
             if len(out) != len(batch):
                 raise RuntimeError(f"the model returned {len(out)} results for a batch of {len(batch)}")
         except Exception as exc:
+            self._current = None
             self._busy_until = 0.0
             if isinstance(exc, self._split_on) and len(batch) > 1:
                 self.stats.split_batches += 1
@@ -479,13 +480,12 @@ class BatchQueue(Generic[T, R]):
                     if live:
                         await self._run_one(loop, live, max(j.lengths[i] for j, i in live))
                 return
-            self.stats.failed_batches += 1
-            log.warning("a forward pass of %d items failed: %s: %s", len(batch), type(exc).__name__, exc)
-            for job in {id(j): j for j, _ in batch}.values():
-                self._fail(job, exc)
+            self._batch_failed(batch, exc)
             return
-        self._busy_until = 0.0
+        self._current = None
         seconds = time.perf_counter() - started
+        staged = self._staged
+        self._busy_until = time.monotonic() + self._estimate(staged.batch, staged.longest) if staged else 0.0
         self.stats.record(len(batch), longest, real, seconds)
         self.cost.observe(len(batch), longest, real, seconds)
         for (job, i), result in zip(batch, out, strict=True):
@@ -502,10 +502,12 @@ class BatchQueue(Generic[T, R]):
         self._closed = True
         for job in [*self._running, *self._jobs]:
             self._fail(job, QueueClosed("the scorer is closed"))
-        self._jobs, self._running = [], []
+        self._jobs, self._running, self._staged, self._current = [], [], None, None
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
         if self._own_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._prepare_executor is not None:
+            self._prepare_executor.shutdown(wait=False, cancel_futures=True)

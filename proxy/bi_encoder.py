@@ -146,9 +146,12 @@ class BiEncoderModel(TransformerModel):
 
     def run_batch(self, batch: list[Encoded]) -> list[Any]:
         """Embeddings (float32, on the CPU) of one batch; blocking, on the model thread."""
+        return self.run_prepared(self.prepare(batch))
+
+    def run_prepared(self, tensors: dict[str, Any]) -> list[Any]:
+        """Embeddings of a batch from :meth:`prepare`; blocking, on the model thread."""
         import torch
 
-        tensors = self.tensors(batch)
         with torch.inference_mode(), self.precision():
             hidden = self.forward(**tensors).last_hidden_state
             if self.pooling == "cls":

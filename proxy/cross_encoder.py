@@ -96,10 +96,15 @@ class CrossEncoderModel(TransformerModel):
 
     def run_batch(self, batch: list[Encoded]) -> list[float]:
         """One forward pass; blocking, on the model thread."""
+        return self.run_prepared(self.prepare(batch))
+
+    def run_prepared(self, tensors: dict[str, Any]) -> list[float]:
+        """One forward pass over tensors from :meth:`prepare` (made on the queue's prepare thread
+        while the previous batch ran); blocking, on the model thread."""
         import torch
 
         with torch.inference_mode(), self.precision():
-            logits = self.forward(**self.tensors(batch)).logits.float()
+            logits = self.forward(**tensors).logits.float()
             values = logits[:, 1] - logits[:, 0] if self._two_logits else logits[:, 0]
             return [float(v) for v in values.tolist()]
 

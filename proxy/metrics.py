@@ -9,7 +9,7 @@ Two sources:
   :class:`~proxy.request_record.RequestRecord` when the answer is done (also on an error or a
   cancelled request) and observes the request, upstream and scoring series;
 * per model, :class:`ScorerCollector` reads each loaded scorer's batching-queue counters
-  (:class:`~proxy.batching.QueueStats`) and score cache at scrape time, so the queue's hot path never
+  (:class:`~proxy.batch_cost.QueueStats`) and score cache at scrape time, so the queue's hot path never
   touches a metric.
 
 Label values come from closed sets only: a route kind, an outcome, a reason from :data:`REASONS`, a
@@ -34,7 +34,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .batching import WAIT_BUCKETS_S
+from .batch_cost import WAIT_BUCKETS_S
 from .request_record import RequestRecord, record_of, recording
 from .search_plan import MSEARCH, MSEARCH_TEMPLATE, search_endpoint
 

@@ -369,7 +369,9 @@ class TransformerModel:
     def item_length(self, item: Encoded) -> int:
         return len(item.ids)
 
-    def tensors(self, batch: Sequence[Encoded]) -> dict[str, Any]:
+    def prepare(self, batch: Sequence[Encoded]) -> dict[str, Any]:
+        """One batch's padded tensors on the model's device: the host side of a forward pass, which
+        the batching queue runs for the next batch while the current one is on the model thread."""
         types = [e.types or [] for e in batch] if self.uses_types else None
         return batch_tensors([e.ids for e in batch], types, self.pad_id, self.device)
 

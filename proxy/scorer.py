@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from .batching import BatchLimits, BatchQueue, batch_size_for
+from .batch_cost import BatchLimits, batch_size_for
+from .batching import BatchQueue
 from .config import RerankConfig
 from .remote import open_remote_scorer
 from .runtime import ModelLoadError, empty_device_cache, out_of_memory_errors, usable_cores
@@ -91,10 +92,20 @@ class EngineScorer:
         self.name = model.name
         self.timeout_s = None if timeout_ms is None else timeout_ms / 1000
         self.cache = ScoreCache(cache_entries) if cache_entries > 0 else None
+        # A model that splits its host side off (``prepare``) has the next batch's tensors made on
+        # the queue's prepare thread while the current batch runs; any other runs whole batches.
+        prepare = getattr(model, "prepare", None)
+        run_prepared = getattr(model, "run_prepared", None)
+        run: Callable[[Any], Sequence[Any]] = model.run_batch
+        if prepare is None or run_prepared is None:
+            prepare = None
+        else:
+            run = run_prepared
         self.queue: BatchQueue[Any, Any] = BatchQueue(
-            model.run_batch,
+            run,
             model.item_length,
             limits,
+            prepare=prepare,
             name="rerank-model",
             split_on=out_of_memory_errors(),
             after_split=lambda: empty_device_cache(model.device),

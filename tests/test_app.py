@@ -23,7 +23,8 @@ from yarl import URL
 
 from proxy.admin import create_admin_app
 from proxy.app import create_app
-from proxy.batching import BatchLimits, DeadlineMissed, WaitTooLong
+from proxy.batch_cost import BatchLimits
+from proxy.batching import DeadlineMissed, WaitTooLong
 from proxy.config import Config, RerankConfig, ServerConfig, UpstreamConfig
 from proxy.scorer import EngineScorer
 

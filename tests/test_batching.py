@@ -10,16 +10,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from proxy.batching import (
-    BatchLimits,
-    BatchQueue,
-    CostModel,
-    DeadlineMissed,
-    QueueClosed,
-    QueueFull,
-    WaitTooLong,
-    batch_size_for,
-)
+from proxy.batch_cost import BatchLimits, CostModel, batch_size_for
+from proxy.batching import BatchQueue, DeadlineMissed, QueueClosed, QueueFull, WaitTooLong
 
 
 class Forward:
@@ -273,6 +265,25 @@ async def test_batches_are_cut_longest_first_from_the_head_within_the_budget() -
     assert forward.batches[1] == [("head", 0, 40), ("head", 1, 5), ("tail", 1, 30)]
     for batch in forward.batches:
         assert len(batch) * max(n for _, _, n in batch) <= 120 or len(batch) == 1
+    await q.aclose()
+
+
+async def test_a_later_search_tops_a_batch_up_without_widening_it() -> None:
+    forward = Forward()
+    forward.gate.clear()
+    q = queue(forward, limits(tokens=2048, pairs=64))
+    blocker = asyncio.ensure_future(q.submit(items("first", [10])))
+    await asyncio.to_thread(forward.entered.wait, 5)
+    now = time.monotonic()
+    head = asyncio.ensure_future(q.submit(items("head", [30] * 5), deadline=now + 10))
+    tail = asyncio.ensure_future(q.submit(items("tail", [256, 256, 256, 28, 20]), deadline=now + 20))
+    await asyncio.sleep(0.01)
+    forward.gate.set()
+    await asyncio.gather(blocker, head, tail)
+    # Not head's five 30-token pairs padded to 256 beside tail's three long ones (8 x 256 = 2048
+    # fits the budget): tail's short pairs ride along, its long ones get a batch of their own.
+    assert [n for _, _, n in forward.batches[1]] == [30] * 5 + [28, 20]
+    assert [n for _, _, n in forward.batches[2]] == [256] * 3
     await q.aclose()
 
 

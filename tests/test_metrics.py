@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.admin import create_admin_app
 from proxy.app import create_app
-from proxy.batching import WAIT_BUCKETS_S, BatchLimits, BatchQueue, QueueStats
+from proxy.batch_cost import WAIT_BUCKETS_S, BatchLimits, QueueStats
+from proxy.batching import BatchQueue
 from proxy.config import Config, RerankConfig, UpstreamConfig
 from proxy.metrics import METRICS_KEY, REASONS, Metrics, record_middleware, route_kind
 from proxy.request_record import (
