@@ -396,7 +396,11 @@ def main() -> None:
                 "in_flight": IN_FLIGHT,
                 "rounds": args.rounds,
                 "auto_dtype": engines["auto"].model.dtype
-                + (" under bf16 autocast" if getattr(engines["auto"].model, "autocast", False) else ""),
+                + (
+                    " under bf16 autocast, linear weights bf16"
+                    if getattr(engines["auto"].model, "autocast", False)
+                    else ""
+                ),
                 "engines": {k: e.describe() for k, e in engines.items()},
                 "machine": machine(),
                 "torch": torch.__version__,

@@ -103,7 +103,7 @@ def describe(name: str, cfg: RerankConfig, scorer: Scorer, footprint: Footprint)
     device = getattr(model, "device", cfg.device)
     dtype = getattr(model, "dtype", cfg.dtype)
     if getattr(model, "autocast", False):
-        dtype = f"{dtype} under bfloat16 autocast"
+        dtype = "bfloat16 autocast (linear weights bfloat16, the rest float32)"
     parts = []
     if footprint.parameter_bytes is not None:
         parts.append(f"parameters {footprint.parameter_bytes / _MB:.1f} MiB")

@@ -165,3 +165,23 @@ def test_auto_dtype_uses_bf16_autocast_only_where_the_cpu_has_it(
         assert 1 - 6 * d2 / (n * (n * n - 1)) > 0.98  # Spearman's rank correlation
     else:
         assert got == want
+
+
+def test_autocast_model_keeps_linear_weights_in_bf16_with_autocasts_own_scores(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under CPU autocast the Linear weights are cast once at load; the scores are exactly those of
+    float32 weights cast by autocast on every pass, and the norms stay float32."""
+    import torch
+
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: True)
+    auto = CrossEncoderModel(str(tiny_model), max_length=64, device="cpu", dtype="auto")
+    plain = CrossEncoderModel(str(tiny_model), max_length=64, device="cpu", dtype="float32")
+    kinds = {type(m).__name__: m for m in auto.net.modules()}
+    linear = [m for m in auto.net.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert kinds["LayerNorm"].weight.dtype == torch.float32
+    items, _ = auto.encode("coffee brewed with water", PASSAGES)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = plain.net(**plain.prepare(items)).logits.float()[:, 0].tolist()
+    assert auto.run_batch(items) == want
