@@ -186,7 +186,8 @@ class RerankConfig:
     dtype: str = _opt(
         "auto",
         "Weights' precision: auto (bfloat16 on cuda compute capability >= 8.0, else float16; on cpu "
-        "float32, run under bfloat16 autocast where the CPU has native bf16), float32, float16, bfloat16.",
+        "float32, run under bfloat16 autocast where the CPU has native bf16, its Linear weights in "
+        "bfloat16), float32, float16, bfloat16.",
     )
     compile: bool = _opt(False, "torch.compile the model at start-up (slower start, faster GPU batches).")
     threads: int = _opt(
