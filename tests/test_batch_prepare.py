@@ -68,12 +68,29 @@ async def settle() -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_next_batch_is_prepared_on_its_own_thread_while_the_current_one_runs() -> None:
+async def a_running() -> tuple[StagedModel, BatchQueue[Item, str], asyncio.Task[list[str]]]:
+    """A queue of four-item batches whose first batch, search a's, is held in the forward pass."""
     model = StagedModel()
     q = make_queue(model, pairs=4)
     model.gate.clear()
     first = asyncio.create_task(q.submit(job("a", 4)))
-    await entered(model)  # batch 1 (a) is in the forward pass, prepared on the model thread itself
+    await entered(model)
+    return model, q, first
+
+
+async def a_running_b_staged() -> tuple[
+    StagedModel, BatchQueue[Item, str], asyncio.Task[list[str]], asyncio.Task[list[str]]
+]:
+    """Search a's batch held in the forward pass, search b's cut and prepared behind it."""
+    model, q, first = await a_running()
+    staged = asyncio.create_task(q.submit(job("b", 4)))
+    await settle()
+    assert [p.items[0][0] for p in model.prepared] == ["a", "b"]
+    return model, q, first, staged
+
+
+async def test_next_batch_is_prepared_on_its_own_thread_while_the_current_one_runs() -> None:
+    model, q, first = await a_running()  # a was prepared on the model thread itself
     rest = [asyncio.create_task(q.submit(job(name, 4))) for name in ("b", "c")]
     await settle()
     # b is cut and prepared ahead, on the prepare thread; c waits (one batch ahead, no more).
@@ -89,11 +106,7 @@ async def test_next_batch_is_prepared_on_its_own_thread_while_the_current_one_ru
 
 
 async def test_less_than_a_full_batch_waiting_is_left_to_fill() -> None:
-    model = StagedModel()
-    q = make_queue(model, pairs=4)
-    model.gate.clear()
-    first = asyncio.create_task(q.submit(job("a", 4)))
-    await entered(model)
+    model, q, first = await a_running()
     small = asyncio.create_task(q.submit(job("b", 2)))
     await settle()
     assert [p.items[0][0] for p in model.prepared] == ["a"], "a half-empty batch was cut early"
@@ -121,14 +134,7 @@ async def test_a_prepare_failure_fails_only_the_searches_in_that_batch() -> None
 
 
 async def test_a_staged_batch_whose_searches_all_left_never_runs() -> None:
-    model = StagedModel()
-    q = make_queue(model, pairs=4)
-    model.gate.clear()
-    first = asyncio.create_task(q.submit(job("a", 4)))
-    await entered(model)
-    gone = asyncio.create_task(q.submit(job("b", 4)))
-    await settle()
-    assert len(model.prepared) == 2  # b is staged
+    model, q, first, gone = await a_running_b_staged()
     gone.cancel()
     await settle()
     model.gate.set()
@@ -141,13 +147,7 @@ async def test_a_staged_batch_whose_searches_all_left_never_runs() -> None:
 
 
 async def test_closing_fails_the_searches_in_a_staged_batch() -> None:
-    model = StagedModel()
-    q = make_queue(model, pairs=4)
-    model.gate.clear()
-    first = asyncio.create_task(q.submit(job("a", 4)))
-    await entered(model)
-    staged = asyncio.create_task(q.submit(job("b", 4)))
-    await settle()
+    model, q, first, staged = await a_running_b_staged()
     await q.aclose()
     model.gate.set()
     for task in (first, staged):

@@ -249,42 +249,40 @@ async def test_searches_are_served_in_deadline_order_each_finishing_after_its_ow
     await q.aclose()
 
 
-async def test_batches_are_cut_longest_first_from_the_head_within_the_budget() -> None:
+async def head_then_tail(
+    lim: BatchLimits, head: list[int], tail: list[int]
+) -> list[list[tuple[str, int, int]]]:
+    """The batches cut when a search due first (``head``) and one due later (``tail``) queue up
+    together behind a running batch (left out of what is returned)."""
     forward = Forward()
     forward.gate.clear()
-    q = queue(forward, limits(tokens=120, pairs=8))
+    q = queue(forward, lim)
     blocker = asyncio.ensure_future(q.submit(items("first", [10])))
     await asyncio.to_thread(forward.entered.wait, 5)
     now = time.monotonic()
-    head = asyncio.ensure_future(q.submit(items("head", [40, 5]), deadline=now + 10))
-    tail = asyncio.ensure_future(q.submit(items("tail", [100, 30, 20, 10]), deadline=now + 20))
+    first = asyncio.ensure_future(q.submit(items("head", head), deadline=now + 10))
+    later = asyncio.ensure_future(q.submit(items("tail", tail), deadline=now + 20))
     await asyncio.sleep(0.01)
     forward.gate.set()
-    await asyncio.gather(blocker, head, tail)
-    # head's two items and, within 120 padded tokens at width 40, tail's 30 (3 x 40 = 120).
-    assert forward.batches[1] == [("head", 0, 40), ("head", 1, 5), ("tail", 1, 30)]
-    for batch in forward.batches:
-        assert len(batch) * max(n for _, _, n in batch) <= 120 or len(batch) == 1
+    await asyncio.gather(blocker, first, later)
     await q.aclose()
+    return forward.batches[1:]
+
+
+async def test_batches_are_cut_longest_first_from_the_head_within_the_budget() -> None:
+    batches = await head_then_tail(limits(tokens=120, pairs=8), [40, 5], [100, 30, 20, 10])
+    # head's two items and, within 120 padded tokens at width 40, tail's 30 (3 x 40 = 120).
+    assert batches[0] == [("head", 0, 40), ("head", 1, 5), ("tail", 1, 30)]
+    for batch in batches:
+        assert len(batch) * max(n for _, _, n in batch) <= 120 or len(batch) == 1
 
 
 async def test_a_later_search_tops_a_batch_up_without_widening_it() -> None:
-    forward = Forward()
-    forward.gate.clear()
-    q = queue(forward, limits(tokens=2048, pairs=64))
-    blocker = asyncio.ensure_future(q.submit(items("first", [10])))
-    await asyncio.to_thread(forward.entered.wait, 5)
-    now = time.monotonic()
-    head = asyncio.ensure_future(q.submit(items("head", [30] * 5), deadline=now + 10))
-    tail = asyncio.ensure_future(q.submit(items("tail", [256, 256, 256, 28, 20]), deadline=now + 20))
-    await asyncio.sleep(0.01)
-    forward.gate.set()
-    await asyncio.gather(blocker, head, tail)
+    batches = await head_then_tail(limits(tokens=2048, pairs=64), [30] * 5, [256, 256, 256, 28, 20])
     # Not head's five 30-token pairs padded to 256 beside tail's three long ones (8 x 256 = 2048
     # fits the budget): tail's short pairs ride along, its long ones get a batch of their own.
-    assert [n for _, _, n in forward.batches[1]] == [30] * 5 + [28, 20]
-    assert [n for _, _, n in forward.batches[2]] == [256] * 3
-    await q.aclose()
+    assert [n for _, _, n in batches[0]] == [30] * 5 + [28, 20]
+    assert [n for _, _, n in batches[1]] == [256] * 3
 
 
 async def test_a_search_that_cannot_finish_in_time_is_dropped_before_it_runs() -> None:
