@@ -27,11 +27,10 @@ from .config import (
     SECTIONS,
     Config,
     ConfigError,
-    explicit_keys,
-    load_config,
     mask_url,
     option_keys,
 )
+from .config_load import explicit_keys, load_config
 
 STRUCTURED_EXAMPLE = [
     "# Per-index rules, each with its own model (YAML only). Searches of an index no rule names get the",

@@ -4,23 +4,18 @@ Every option lives in one frozen dataclass per section. The ``help`` metadata of
 description of that option: ``--help``, ``config/default.yaml`` and the README say the same thing.
 Sources, lowest to highest precedence: built-in defaults, a YAML file, ``RERANK_PROXY_<SECTION>_<KEY>``
 environment variables, ``--<section>-<key>`` command-line flags. Nothing is read from the environment
-at import time; :func:`load_config` is given the environment it should look at.
+at import time; :func:`proxy.config_load.load_config` reads the sources, given the environment it
+should look at.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
-
-import yaml
 
 ENV_PREFIX = "RERANK_PROXY_"
 
@@ -64,23 +59,23 @@ class ServerConfig:
     tls_key_file: str | None = _opt(None, "PEM private key for tls_cert_file.")
 
     def __post_init__(self) -> None:
-        _check(1 <= self.port <= 65535, "server.port", self.port, "must be between 1 and 65535")
-        _check(
+        require(1 <= self.port <= 65535, "server.port", self.port, "must be between 1 and 65535")
+        require(
             0 <= self.admin_port <= 65535, "server.admin_port", self.admin_port, "must be between 0 and 65535"
         )
-        _check(
+        require(
             self.admin_port == 0 or self.admin_port != self.port,
             "server.admin_port",
             self.admin_port,
             "must differ from server.port (the admin listener is a separate one)",
         )
-        _check(
+        require(
             self.log_format in {"plain", "json"},
             "server.log_format",
             self.log_format,
             "must be plain or json",
         )
-        _check(
+        require(
             self.shutdown_timeout_s >= 0,
             "server.shutdown_timeout_s",
             self.shutdown_timeout_s,
@@ -89,15 +84,15 @@ class ServerConfig:
         for key in ("tls_cert_file", "tls_key_file"):
             value = getattr(self, key)
             if value is not None:
-                _check(Path(value).is_file(), f"server.{key}", value, "file not found")
-        _check(
+                require(Path(value).is_file(), f"server.{key}", value, "file not found")
+        require(
             (self.tls_cert_file is None) == (self.tls_key_file is None),
             "server.tls_key_file" if self.tls_key_file is None else "server.tls_cert_file",
             self.tls_key_file if self.tls_key_file is None else self.tls_cert_file,
             "https needs both server.tls_cert_file and server.tls_key_file",
         )
-        _check(self.max_body_bytes > 0, "server.max_body_bytes", self.max_body_bytes, "must be > 0")
-        _check(
+        require(self.max_body_bytes > 0, "server.max_body_bytes", self.max_body_bytes, "must be > 0")
+        require(
             self.log_level.lower() in {"debug", "info", "warning", "error"},
             "server.log_level",
             self.log_level,
@@ -127,27 +122,27 @@ class UpstreamConfig:
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
-        _check(
+        require(
             parts.scheme in {"http", "https"} and bool(parts.hostname),
             "upstream.url",
             self.url,
             "must be an http:// or https:// URL with a host",
         )
-        _check(
+        require(
             self.connect_timeout_s > 0, "upstream.connect_timeout_s", self.connect_timeout_s, "must be > 0"
         )
-        _check(self.timeout_s > 0, "upstream.timeout_s", self.timeout_s, "must be > 0")
-        _check(
+        require(self.timeout_s > 0, "upstream.timeout_s", self.timeout_s, "must be > 0")
+        require(
             self.passthrough_timeout_s is None or self.passthrough_timeout_s >= 0,
             "upstream.passthrough_timeout_s",
             self.passthrough_timeout_s,
             "must be >= 0 (0 or null: no limit)",
         )
-        _check(self.max_connections > 0, "upstream.max_connections", self.max_connections, "must be > 0")
+        require(self.max_connections > 0, "upstream.max_connections", self.max_connections, "must be > 0")
         if self.ca_certs is not None:
-            _check(Path(self.ca_certs).is_file(), "upstream.ca_certs", self.ca_certs, "file not found")
+            require(Path(self.ca_certs).is_file(), "upstream.ca_certs", self.ca_certs, "file not found")
             readable = _is_ca_bundle(self.ca_certs)
-            _check(readable, "upstream.ca_certs", self.ca_certs, "holds no readable certificate")
+            require(readable, "upstream.ca_certs", self.ca_certs, "holds no readable certificate")
 
     def __repr__(self) -> str:
         return f"UpstreamConfig(url={mask_url(self.url)!r}, timeout_s={self.timeout_s!r})"
@@ -257,63 +252,63 @@ class RerankConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(bool(self.model.strip()), "rerank.model", self.model, "must not be empty")
-        _check(
+        require(bool(self.model.strip()), "rerank.model", self.model, "must not be empty")
+        require(
             self.fusion in {"none", "rrf", "linear"},
             "rerank.fusion",
             self.fusion,
             "must be none, rrf or linear",
         )
-        _check(self.fusion_k >= 1, "rerank.fusion_k", self.fusion_k, "must be >= 1")
-        _check(
+        require(self.fusion_k >= 1, "rerank.fusion_k", self.fusion_k, "must be >= 1")
+        require(
             0 <= self.fusion_weight <= 1,
             "rerank.fusion_weight",
             self.fusion_weight,
             "must be between 0 and 1",
         )
-        _check(self.mode in {"serve", "shadow"}, "rerank.mode", self.mode, "must be serve or shadow")
-        _check(0 <= self.sample_rate <= 1, "rerank.sample_rate", self.sample_rate, "must be between 0 and 1")
-        _check(
+        require(self.mode in {"serve", "shadow"}, "rerank.mode", self.mode, "must be serve or shadow")
+        require(0 <= self.sample_rate <= 1, "rerank.sample_rate", self.sample_rate, "must be between 0 and 1")
+        require(
             self.scorer in {"cross-encoder", "bi-encoder"},
             "rerank.scorer",
             self.scorer,
             "must be cross-encoder or bi-encoder",
         )
-        _check(
+        require(
             len(self.field) > 0 and all(f.strip() for f in self.field),
             "rerank.field",
             self.field,
             "must name at least one non-empty field",
         )
-        _check(self.top_k >= 1, "rerank.top_k", self.top_k, "must be >= 1")
-        _check(self.max_top_k >= self.top_k, "rerank.max_top_k", self.max_top_k, "must be >= rerank.top_k")
-        _check(self.max_length >= 8, "rerank.max_length", self.max_length, "must be >= 8")
-        _check(self.max_windows >= 1, "rerank.max_windows", self.max_windows, "must be >= 1")
-        _check(
+        require(self.top_k >= 1, "rerank.top_k", self.top_k, "must be >= 1")
+        require(self.max_top_k >= self.top_k, "rerank.max_top_k", self.max_top_k, "must be >= rerank.top_k")
+        require(self.max_length >= 8, "rerank.max_length", self.max_length, "must be >= 8")
+        require(self.max_windows >= 1, "rerank.max_windows", self.max_windows, "must be >= 1")
+        require(
             self.window_overlap >= 0
             and (self.max_windows == 1 or self.window_overlap < self.max_length // 2),
             "rerank.window_overlap",
             self.window_overlap,
             "must be >= 0 and below half of rerank.max_length",
         )
-        _check(
+        require(
             self.dtype in {"auto", "float32", "float16", "bfloat16"},
             "rerank.dtype",
             self.dtype,
             "must be auto, float32, float16 or bfloat16",
         )
-        _check(self.threads >= 0, "rerank.threads", self.threads, "must be >= 0")
-        _check(
+        require(self.threads >= 0, "rerank.threads", self.threads, "must be >= 0")
+        require(
             self.max_batch_tokens == 0 or self.max_batch_tokens >= self.max_length,
             "rerank.max_batch_tokens",
             self.max_batch_tokens,
             "must be 0 (auto) or >= rerank.max_length (one whole pair must fit a batch)",
         )
-        _check(self.max_batch_pairs >= 1, "rerank.max_batch_pairs", self.max_batch_pairs, "must be >= 1")
-        _check(self.max_wait_ms >= 0, "rerank.max_wait_ms", self.max_wait_ms, "must be >= 0")
-        _check(self.max_queued_pairs >= 1, "rerank.max_queued_pairs", self.max_queued_pairs, "must be >= 1")
-        _check(self.cache_entries >= 0, "rerank.cache_entries", self.cache_entries, "must be >= 0")
-        _check(
+        require(self.max_batch_pairs >= 1, "rerank.max_batch_pairs", self.max_batch_pairs, "must be >= 1")
+        require(self.max_wait_ms >= 0, "rerank.max_wait_ms", self.max_wait_ms, "must be >= 0")
+        require(self.max_queued_pairs >= 1, "rerank.max_queued_pairs", self.max_queued_pairs, "must be >= 1")
+        require(self.cache_entries >= 0, "rerank.cache_entries", self.cache_entries, "must be >= 0")
+        require(
             self.backend in {"local", "cohere", "tei"},
             "rerank.backend",
             self.backend,
@@ -321,27 +316,27 @@ class RerankConfig:
         )
         if self.backend != "local":
             url = urlsplit(self.backend_url or "")
-            _check(
+            require(
                 url.scheme in {"http", "https"} and bool(url.hostname),
                 "rerank.backend_url",
                 self.backend_url,
                 f"must be an http:// or https:// URL with a host (rerank.backend is {self.backend})",
             )
-        _check(
+        require(
             self.backend_max_connections >= 1,
             "rerank.backend_max_connections",
             self.backend_max_connections,
             "must be >= 1",
         )
-        _check(
+        require(
             self.backend_max_documents >= 1,
             "rerank.backend_max_documents",
             self.backend_max_documents,
             "must be >= 1",
         )
-        _check(self.timeout_ms >= 1, "rerank.timeout_ms", self.timeout_ms, "must be >= 1")
+        require(self.timeout_ms >= 1, "rerank.timeout_ms", self.timeout_ms, "must be >= 1")
         dev = self.device
-        _check(
+        require(
             dev in {"auto", "cpu", "cuda", "mps"} or (dev.startswith("cuda:") and dev[5:].isdigit()),
             "rerank.device",
             dev,
@@ -428,7 +423,8 @@ STRUCTURED = ("models", "rules")
 ALIASES = {"upstream": "upstream.url"}
 
 
-def _check(ok: bool, key: str, value: object, why: str) -> None:
+def require(ok: bool, key: str, value: object, why: str) -> None:
+    """Raise a ConfigError naming ``key`` and the value it got, unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}: {why} (got {value!r})")
 
@@ -456,258 +452,3 @@ def mask_url(url: str) -> str:
 def option_keys() -> list[tuple[str, dataclasses.Field[Any]]]:
     """Every option as ('section.key', field), in declaration order."""
     return [(f"{section}.{f.name}", f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
-
-
-def _field_type(section: str, name: str) -> Any:
-    return typing.get_type_hints(SECTIONS[section])[name]
-
-
-def _coerce(key: str, value: Any, typ: Any, from_text: bool) -> Any:
-    """Turn a YAML value or an env/CLI string into the option's type, naming the key on failure."""
-    optional = False
-    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        optional, typ = True, args[0]
-    if value is None or (from_text and optional and value in ("", "null", "none")):
-        if optional:
-            return None
-        raise ConfigError(f"{key}: must not be empty")
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "on", "false", "0", "no", "off"}:
-            return value.lower() in {"true", "1", "yes", "on"}
-        raise ConfigError(f"{key}: expected true or false (got {value!r})")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer (got {value!r})")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer (got {value!r})")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number (got {value!r})")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string (got {value!r})")
-    if typing.get_origin(typ) is tuple:
-        if isinstance(value, str):
-            items = [v.strip() for v in value.split(",")] if from_text else [value]
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            items = list(value)
-        else:
-            raise ConfigError(f"{key}: expected a string or a list of strings (got {value!r})")
-        return tuple(items)
-    raise ConfigError(f"{key}: unsupported option type {typ!r}")  # pragma: no cover
-
-
-def _unknown(key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown configuration key '{key}'{hint}")
-
-
-def _from_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start})") from exc
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" line {line + 1}" if line is not None else ""
-        raise ConfigError(f"config file {path}{where}: not valid YAML") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
-    flat: dict[str, Any] = {}
-    known = [k for k, _ in option_keys()]
-    for section, body in data.items():
-        if section in STRUCTURED:
-            continue
-        if section not in SECTIONS:
-            raise _unknown(str(section), [*SECTIONS, *STRUCTURED])
-        if body is None:
-            continue
-        if not isinstance(body, dict):
-            raise ConfigError(f"{section}: expected a mapping of options (got {body!r})")
-        for name, value in body.items():
-            key = f"{section}.{name}"
-            if key not in known:
-                raise _unknown(key, known)
-            flat[key] = value
-    return flat
-
-
-def _from_env(env: Mapping[str, str]) -> dict[str, str]:
-    by_var = {ENV_PREFIX + key.replace(".", "_").upper(): key for key, _ in option_keys()}
-    flat: dict[str, str] = {}
-    for var, value in env.items():
-        if not var.startswith(ENV_PREFIX):
-            continue
-        if var == ENV_PREFIX + "CONFIG":
-            continue
-        if var not in by_var:
-            raise _unknown(var, list(by_var))
-        flat[by_var[var]] = value
-    return flat
-
-
-def explicit_keys(
-    path: str | Path | None = None,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, str] | None = None,
-) -> frozenset[str]:
-    """The option keys a source sets (the YAML file, an environment variable, a flag), as opposed to
-    those left at their defaults: a default the operator did not choose may be replaced at start-up."""
-    env = env or {}
-    if path is None and env.get(ENV_PREFIX + "CONFIG"):
-        path = env[ENV_PREFIX + "CONFIG"]
-    keys = set(overrides or {}) | set(_from_env(env))
-    if path is not None:
-        keys |= set(_from_yaml(Path(path)))
-    return frozenset(keys)
-
-
-def load_config(
-    path: str | Path | None = None,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, str] | None = None,
-) -> Config:
-    """Build the one Config: defaults < YAML file < environment < overrides (CLI flags, as text)."""
-    env = env or {}
-    if path is None and env.get(ENV_PREFIX + "CONFIG"):
-        path = env[ENV_PREFIX + "CONFIG"]
-    layers: list[tuple[dict[str, Any], bool]] = []
-    if path is not None:
-        layers.append((_from_yaml(Path(path)), False))
-    layers.append((dict(_from_env(env)), True))
-    layers.append((dict(overrides or {}), True))
-
-    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    known = [k for k, _ in option_keys()]
-    for flat, from_text in layers:
-        for key, raw in flat.items():
-            if key not in known:
-                raise _unknown(key, known)
-            section, name = key.split(".", 1)
-            values[section][name] = _coerce(key, raw, _field_type(section, name), from_text)
-    cfg = Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})
-    if path is None:
-        return cfg
-    structured = _structured(Path(path))
-    models = _models(structured.get("models"), cfg.rerank)
-    rules = _rules(structured.get("rules"), cfg.rerank, models)
-    return dataclasses.replace(cfg, models=models, rules=rules)
-
-
-def _structured(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))  # readable: _from_yaml read it first
-    return {k: v for k, v in data.items() if k in STRUCTURED} if isinstance(data, dict) else {}
-
-
-def _replace(base: RerankConfig, prefix: str, raw: Mapping[str, Any]) -> RerankConfig:
-    """``base`` with ``raw``'s rerank options (coerced as YAML values), errors naming ``prefix.key``."""
-    values = {
-        name: _coerce(f"{prefix}.{name}", value, _field_type("rerank", name), False)
-        for name, value in raw.items()
-    }
-    try:
-        return dataclasses.replace(base, **values)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace("rerank.", f"{prefix}.", 1)) from None
-
-
-def _models(raw: Any, rerank: RerankConfig) -> dict[str, RerankConfig]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"models: expected a mapping of model names to settings (got {raw!r})")
-    models: dict[str, RerankConfig] = {}
-    for name, body in raw.items():
-        where = f"models.{name}"
-        _check(
-            isinstance(name, str) and bool(re.fullmatch(r"[A-Za-z0-9_.-]+", name)),
-            "models",
-            name,
-            "a model's name is letters, digits, '_', '-' or '.'",
-        )
-        _check(name != DEFAULT_MODEL, where, name, f"'{DEFAULT_MODEL}' is the rerank section's own model")
-        if not isinstance(body, dict):
-            raise ConfigError(f"{where}: expected a mapping of model settings (got {body!r})")
-        for key in body:
-            if key not in MODEL_KEYS:
-                known = [f"{where}.{k}" for k in MODEL_KEYS]
-                if key in RULE_KEYS:
-                    raise ConfigError(f"{where}.{key}: a search setting; set it on a rule, not a model")
-                raise _unknown(f"{where}.{key}", known)
-        _check("model" in body, f"{where}.model", None, "must name the model (an id, folder or pypi:)")
-        # A named model keeps the rerank section's device, threads... unless it sets its own.
-        models[name] = _replace(rerank, where, body)
-    return models
-
-
-def _patterns(where: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",")]
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        items = [v.strip() for v in value]
-    else:
-        raise ConfigError(f"{where}: expected an index pattern or a list of them (got {value!r})")
-    _check(bool(items) and all(items), where, value, "must name at least one index pattern")
-    return tuple(items)
-
-
-def _rules(raw: Any, rerank: RerankConfig, models: Mapping[str, RerankConfig]) -> tuple[Rule, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise ConfigError(f"rules: expected a list of rules (got {raw!r})")
-    rules: list[Rule] = []
-    for i, body in enumerate(raw):
-        where = f"rules[{i}]"
-        if not isinstance(body, dict):
-            raise ConfigError(f"{where}: expected a mapping with index and settings (got {body!r})")
-        for key in body:
-            if key not in ("index", "model", *RULE_KEYS):
-                known = [f"{where}.{k}" for k in ("index", "model", *RULE_KEYS)]
-                if key in MODEL_KEYS:
-                    raise ConfigError(
-                        f"{where}.{key}: a model setting; declare the model under models: and name it here"
-                    )
-                raise _unknown(f"{where}.{key}", known)
-        _check("index" in body, f"{where}.index", None, "every rule names the indices it applies to")
-        index = _patterns(f"{where}.index", body["index"])
-        name = body.get("model", DEFAULT_MODEL)
-        known_models = [DEFAULT_MODEL, *models]
-        if name not in known_models:
-            close = difflib.get_close_matches(str(name), known_models, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}.model: no model named {name!r} under models:{hint}")
-        base = models.get(name, rerank)
-        # The search settings start from the rerank section, not from the model's entry.
-        base = dataclasses.replace(base, **{k: getattr(rerank, k) for k in RULE_KEYS})
-        settings = {k: v for k, v in body.items() if k in RULE_KEYS}
-        top_k = settings.get("top_k")
-        if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > rerank.max_top_k:
-            # max_top_k is the rerank section's, so the rule's top_k is what must change
-            why = f"must be <= rerank.max_top_k ({rerank.max_top_k})"
-            raise ConfigError(f"{where}.top_k: {why} (got {top_k!r})")
-        rules.append(Rule(index, name, _replace(base, where, settings)))
-    return tuple(rules)

@@ -74,7 +74,7 @@ def offline_fallback(
 ) -> tuple[Config, str] | None:
     """The configuration to start with instead, and the line that says so; None to start as configured.
 
-    ``explicit``: the option keys some source set (:func:`proxy.config.explicit_keys`). ``reachable``
+    ``explicit``: the option keys some source set (:func:`proxy.config_load.explicit_keys`). ``reachable``
     replaces the network check (tests).
     """
     rerank = cfg.rerank

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from proxy.cli import main, render_default_yaml
-from proxy.config import ENV_PREFIX, Config, load_config
+from proxy.config import ENV_PREFIX, Config
+from proxy.config_load import load_config
 
 DEFAULT_YAML = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config import Config, ConfigError, RerankConfig, UpstreamConfig, load_config, mask_url
+from proxy.config import Config, ConfigError, RerankConfig, UpstreamConfig, mask_url
+from proxy.config_load import load_config
 
 
 def write(tmp_path: Path, text: str, name: str = "proxy.yaml") -> Path:

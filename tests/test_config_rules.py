@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import DEFAULT_MODEL, Config, ConfigError, load_config
+from proxy.config import DEFAULT_MODEL, Config, ConfigError
+from proxy.config_load import load_config
 
 BASE = """\
 rerank:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import Config, RerankConfig, explicit_keys
+from proxy.config import Config, RerankConfig
+from proxy.config_load import explicit_keys
 from proxy.first_run import DEFAULT_MODEL, OFFLINE_MODEL, hub_reachable, offline_fallback
 
 from .conftest import free_port

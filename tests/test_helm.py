@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import load_config
+from proxy.config_load import load_config
 
 from .conftest import ROOT
 

@@ -26,7 +26,8 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
-from proxy.config import Config, ConfigError, RerankConfig, ServerConfig, UpstreamConfig, load_config
+from proxy.config import Config, ConfigError, RerankConfig, ServerConfig, UpstreamConfig
+from proxy.config_load import load_config
 from proxy.server import WithholdRequestBytes
 from proxy.server import start as serve
 from proxy.upstream import Upstream, forwardable

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from elasticsearch import Elasticsearch
 
-from proxy.config import load_config
+from proxy.config_load import load_config
 
 from .conftest import ProxyThread
 from .corpus import DOCS, create_index
