@@ -130,11 +130,12 @@ def sync(device: str) -> None:
 
 
 def naive_loop(model: CrossEncoderModel, pairs: Pairs, max_length: int) -> float:
-    """Tokenize and forward in fixed batches of 32, arrival order, padded to each batch's longest."""
+    """Tokenize and forward in fixed batches of 32, arrival order, padded to each batch's longest; in
+    the model's own precision (bf16 autocast where ``auto`` chose it), as the engine runs it."""
     import torch
 
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), model.precision():
         for lo in range(0, len(pairs), 32):
             chunk = pairs[lo : lo + 32]
             enc = model.tokenizer(
