@@ -96,8 +96,8 @@ def create_app(
     # The record middleware is outermost: it sees the answer the error middleware renders.
     app = web.Application(middlewares=[record_middleware, error_middleware])  # body limit: read_body
     app[CONFIG_KEY] = cfg
-    app[METRICS_KEY] = Metrics(lambda: app.get(SCORERS_KEY, {}))
-    app[STATS_KEY] = ProxyStats()
+    app[STATS_KEY] = stats = ProxyStats()
+    app[METRICS_KEY] = Metrics(lambda: app.get(SCORERS_KEY, {}), lambda: stats.shadow)
     app[LIFECYCLE_KEY] = Lifecycle()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:

@@ -3,14 +3,15 @@
 Each app has its own :class:`~prometheus_client.CollectorRegistry` (a process may run several apps:
 the tests do), served by the admin listener at ``GET /metrics``. Names start with ``rerank_proxy_``.
 
-Two sources:
+Three sources:
 
 * per request, :func:`record_middleware` reads the request's
   :class:`~proxy.request_record.RequestRecord` when the answer is done (also on an error or a
   cancelled request) and observes the request, upstream and scoring series;
 * per model, :class:`ScorerCollector` reads each loaded scorer's batching-queue counters
   (:class:`~proxy.batch_cost.QueueStats`) and score cache at scrape time, so the queue's hot path never
-  touches a metric.
+  touches a metric; :class:`ShadowCollector` reads shadow mode's comparisons the same way (they run
+  in the background, after their request's record is closed).
 
 Label values come from closed sets only: a route kind, an outcome, a reason from :data:`REASONS`, a
 status class, an upstream error kind, a configured model name. Never an index, a path or query text:
@@ -104,7 +105,11 @@ class Metrics:
     """One app's metrics. ``enabled`` false stops the per-request recording (benchmarks/overhead.py
     measures what it costs); the requests' records are still filled for the access log."""
 
-    def __init__(self, scorers: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(
+        self, scorers: Callable[[], Mapping[str, Any]], shadow: Callable[[], Any] | None = None
+    ) -> None:
+        """``scorers``: the loaded scorers by model name; ``shadow``: shadow mode's running counts
+        (:class:`~proxy.stats.ShadowTracker`), both read at scrape time."""
         self.enabled = True
         self.registry = reg = CollectorRegistry()
         self.requests = Counter(
@@ -142,6 +147,8 @@ class Metrics:
         for route in ROUTES:
             self.in_flight.labels(route)
         reg.register(ScorerCollector(scorers))
+        if shadow is not None:
+            reg.register(ShadowCollector(shadow))
 
     def _histogram(self, name: str, doc: str) -> Histogram:
         return Histogram(
@@ -280,6 +287,28 @@ class ScorerCollector(Collector):
         yield depth
         yield from counters.values()
         yield wait
+
+
+class ShadowCollector(Collector):
+    """Shadow mode's background comparisons by result: ``compared``, ``dropped`` (the queue was full,
+    the model failed or Elasticsearch could not be asked) and ``unscorable`` (no hit had passage
+    text). A dropped comparison never costs a search, so only this shows how many there are."""
+
+    RESULTS = ("compared", "dropped", "unscorable")
+
+    def __init__(self, tracker: Callable[[], Any]) -> None:
+        self._tracker = tracker
+
+    def collect(self) -> Iterable[Metric]:
+        tracker = self._tracker()
+        family = CounterMetricFamily(
+            PREFIX + "shadow_comparisons",
+            "Shadow mode's comparisons of the model's order with Elasticsearch's, by result.",
+            labels=["result"],
+        )
+        for result in self.RESULTS:
+            family.add_metric([result], getattr(tracker, result, 0))
+        yield family
 
 
 def _text(value: Any) -> str:

@@ -42,7 +42,12 @@ class Scorer(Protocol):
 
 
 class Model(Protocol):
-    """A scorer kind, split at the queue: ``encode`` per search, ``run_batch`` per forward pass."""
+    """A scorer kind, split at the queue: ``encode`` per search, ``run_batch`` per forward pass.
+
+    A kind may also split ``run_batch`` into ``prepare(batch)`` (the host side: padded tensors on the
+    device) and ``run_prepared(tensors)``; :class:`EngineScorer` then has the queue prepare the next
+    batch while the current one runs. Both transformer kinds do; a kind without them runs whole.
+    """
 
     name: str
     kind: str

@@ -138,6 +138,7 @@ def test_shadow_mode_answers_with_elasticsearchs_bytes_and_compares(
             )
             assert _without_took(shadowed) == _without_took(direct)  # Elasticsearch's own bytes
         stats = settled_stats(server, compared=2)
+        _, _, scraped = http(server.admin_url + "/metrics")
     finally:
         server.stop()
     shadow = stats["shadow"]
@@ -146,6 +147,10 @@ def test_shadow_mode_answers_with_elasticsearchs_bytes_and_compares(
     assert shadow["mean_es_top_hit_rank"] >= 1.0
     assert stats["relevance"]["judged_searches"] == 1
     assert stats["searches"]["skipped"]["shadow"] == 2
+    # The background comparisons are in the metrics too, not only in /_rerank/stats.
+    for result, count in (("compared", 2), ("dropped", 0), ("unscorable", 0)):
+        line = f'rerank_proxy_shadow_comparisons_total{{result="{result}"}} {float(count)}'
+        assert line in scraped.decode().splitlines(), line
 
 
 def test_shadow_mode_figures_are_the_models(es_url: str, es: Elasticsearch, tiny_model: Path) -> None:
