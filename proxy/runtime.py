@@ -327,7 +327,7 @@ class TransformerModel:
             where += f" ({card}, compute capability {capability[0]}.{capability[1]})"
         if self.device == "cpu":
             where += f" ({set_cpu_threads(threads)} threads)"
-        precision = "bfloat16 linear weights under bfloat16 autocast" if self.autocast else self.dtype
+        precision = "bfloat16 autocast (linear weights bfloat16)" if self.autocast else self.dtype
         log.info("model %s runs on %s in %s", self.name, where, precision)
         from .model_checks import check_compiler, check_local_folder, check_max_length, check_tokenizer
 
