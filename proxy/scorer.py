@@ -11,11 +11,13 @@ bi-encoder) is a :class:`Model`: how to tokenize a search and how to run one bat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .batch_cost import BatchLimits, batch_size_for
 from .batching import BatchQueue
@@ -25,6 +27,8 @@ from .runtime import ModelLoadError, empty_device_cache, out_of_memory_errors, u
 from .score_cache import ScoreCache, through_cache
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 __all__ = ["EngineScorer", "Model", "ModelLoadError", "Scorer", "load_scorer"]
 
@@ -205,12 +209,39 @@ def warm_up_error(cfg: RerankConfig, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"rerank.model: {cfg.model!r} failed on a warm-up batch: {first}")
 
 
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a thread of its own that does not keep the process alive: a model load or
+    download can take minutes, and a proxy told to stop during start-up (nothing served yet) must not
+    wait for it, as it would for the event loop's executor threads, which exit waits on."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: T | None, exc: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(value)  # type: ignore[arg-type]
+
+    def body() -> None:
+        try:
+            value, exc = fn(*args), None
+        except BaseException as error:  # handed to the awaiting task, which raises it
+            value, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+            loop.call_soon_threadsafe(settle, value, exc)
+
+    threading.Thread(target=body, name="rerank-load", daemon=True).start()
+    return await done
+
+
 async def load_scorer(cfg: RerankConfig) -> Scorer:
     """Load and warm the model off the event loop, then put it behind its batching queue; with a
     remote ``rerank.backend`` nothing is loaded here, the server at ``rerank.backend_url`` scores."""
     if cfg.backend != "local":
         return await open_remote_scorer(cfg)
-    model = await asyncio.to_thread(build_model, cfg)
+    model = await in_daemon_thread(build_model, cfg)
     log.info("scorer %s (%s) ready", model.name, model.kind)
     # A bi-encoder caches passage embeddings itself, which serves every query; a score cache on top
     # would only hold copies.

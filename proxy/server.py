@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -355,32 +357,58 @@ async def start(app: web.Application, host: str, port: int, server: ServerConfig
 
 
 def run(app: web.Application, server: ServerConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully (:meth:`Serving.cleanup`)."""
-    asyncio.run(_serve(app, server))
+    """Serve until SIGTERM or SIGINT, then shut down gracefully (:meth:`Serving.cleanup`).
+
+    Stopped during start-up, the process exits at once: a model may still be loading on its thread,
+    and finalizing the interpreter under torch's running threads aborts it ("terminate called
+    without an active exception"). Nothing was served, so there is nothing left to finish."""
+    if not asyncio.run(_serve(app, server)):
+        logging.shutdown()  # the log lines said so far are written before the exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
-async def _serve(app: web.Application, server: ServerConfig) -> None:
+async def _serve(app: web.Application, server: ServerConfig) -> bool:
+    """Whether start-up completed (False: a signal stopped it first)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     serving: Serving | None = None
 
+    starting = asyncio.ensure_future(start(app, server.host, server.port, server))
+
     def on_signal(number: int) -> None:
-        if serving is not None:
-            serving.drain()  # at once, not after the next loop iteration
-        if not stop.is_set():
-            log.info("%s: draining", signal.Signals(number).name)
+        name = signal.Signals(number).name
+        if serving is None and not starting.done():
+            # Nothing is served yet, so nothing is lost: stop now rather than after a model load or
+            # download that may take minutes (the loading thread is a daemon, not waited for).
+            log.info("%s during start-up: stopping without waiting for the models", name)
+            starting.cancel()
+        else:
+            if serving is not None:
+                serving.drain()  # at once, not after the next loop iteration
+            if not stop.is_set():
+                log.info("%s: draining", name)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
-    # A signal during start-up (a model still loading) is kept and acted on once serving.
-    serving = await start(app, server.host, server.port, server)
+    try:
+        serving = await starting
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+        log.info("stopped")
+        return False
+    if stop.is_set():  # a signal between start-up's end and this line
+        serving.drain()
     log.info("serving: %s", ", ".join(_describe_sites(serving)))
     try:
         await stop.wait()
     finally:
         await serving.cleanup()
         log.info("stopped")
+    return True
 
 
 def _describe_sites(serving: Serving) -> list[str]:
