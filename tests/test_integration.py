@@ -15,7 +15,7 @@ import pytest
 from elasticsearch import AsyncElasticsearch, Elasticsearch, helpers
 
 from .conftest import ProxyThread
-from .corpus import DOCS, MAPPINGS
+from .corpus import DOCS, create_index
 from .servers import http as _raw
 from .tiny_model import reference_scores
 
@@ -29,16 +29,7 @@ TOP_K = 20  # the session proxy's top_k
 @pytest.fixture(scope="module")
 def es(es_url: str) -> Iterator[Elasticsearch]:
     client = Elasticsearch(es_url)
-    client.options(ignore_status=404).indices.delete(index=INDEX)
-    client.indices.create(
-        index=INDEX,
-        mappings=MAPPINGS,
-        settings={"number_of_shards": 1, "number_of_replicas": 0},
-    )
-    helpers.bulk(
-        client, ({"_index": INDEX, "_id": d["id"], **{k: v for k, v in d.items() if k != "id"}} for d in DOCS)
-    )
-    client.indices.refresh(index=INDEX)
+    create_index(client, INDEX, DOCS)
     yield client
     client.close()
 

@@ -19,12 +19,12 @@ from typing import Any
 import orjson
 import pytest
 import urllib3
-from elasticsearch import Elasticsearch, helpers
+from elasticsearch import Elasticsearch
 
 from benchmarks.peers import infinity_command, infinity_server
 
 from .conftest import ProxyThread, make_config
-from .corpus import DOCS, MAPPINGS
+from .corpus import DOCS, create_index
 from .tiny_model import build_tiny_cross_encoder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -83,14 +83,7 @@ def infinity(infinity_emb: str, served_model: Path, tmp_path: Path) -> Iterator[
 @pytest.fixture(scope="module")
 def es(es_url: str) -> Iterator[Elasticsearch]:
     client = Elasticsearch(es_url)
-    client.options(ignore_status=404).indices.delete(index=INDEX)
-    client.indices.create(
-        index=INDEX, mappings=MAPPINGS, settings={"number_of_shards": 1, "number_of_replicas": 0}
-    )
-    helpers.bulk(
-        client, ({"_index": INDEX, "_id": d["id"], **{k: v for k, v in d.items() if k != "id"}} for d in DOCS)
-    )
-    client.indices.refresh(index=INDEX)
+    create_index(client, INDEX, DOCS)
     yield client
     client.options(ignore_status=404).indices.delete(index=INDEX)
     client.close()
