@@ -37,6 +37,24 @@ def fail(tool: str, message: str) -> None:
     sys.exit(f"{tool}: {message}")
 
 
+async def timed_search(
+    session: Any, url: str, index: str, query: str, tool: str, plain: str = "direct"
+) -> tuple[str, float]:
+    """One search as the load benchmarks send it (``match`` on ``text``, 10 hits): its rerank outcome
+    (``X-Rerank-Status``, with the reason when skipped; ``plain`` when the answer has none, as
+    Elasticsearch's own does) and its latency in ms. A non-200 answer stops ``tool``."""
+    body = {"query": {"match": {"text": query}}, "size": 10}
+    started = time.perf_counter()
+    async with session.post(f"{url}/{index}/_search", json=body) as resp:
+        await resp.read()
+        if resp.status != 200:
+            raise SystemExit(f"{tool}: a search answered {resp.status}")
+        outcome = resp.headers.get("X-Rerank-Status", plain)
+        if outcome == "skipped":
+            outcome += "/" + resp.headers.get("X-Rerank-Reason", "")
+    return outcome, (time.perf_counter() - started) * 1000
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -80,7 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 
 from benchmarks import datasets
-from benchmarks.common import ROOT, elasticsearch, machine, model_folder, pct, proxy_process
+from benchmarks.common import ROOT, elasticsearch, machine, model_folder, pct, proxy_process, timed_search
 from benchmarks.throughput import INDEX, TOP_K, es_candidates, index_pool
 
 CATEGORIES = ("forward", "tokenize", "batch tensors", "json", "http & event loop", "other")
@@ -414,17 +414,9 @@ async def clients_loop(
         for i in counter:
             if stop.is_set():
                 return
-            body = {"query": {"match": {"text": queries[i % len(queries)]}}, "size": 10}
-            started = time.perf_counter()
-            async with session.post(f"{url}/{INDEX}/_search", json=body) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    raise SystemExit(f"cpu_profile.py: a search answered {resp.status}")
-                outcome = resp.headers.get("X-Rerank-Status", "none")
-                if outcome == "skipped":
-                    outcome += "/" + resp.headers.get("X-Rerank-Reason", "")
-            now = time.perf_counter()
-            done.append(Done(now, outcome, (now - started) * 1000))
+            query = queries[i % len(queries)]
+            outcome, ms = await timed_search(session, url, INDEX, query, "cpu_profile.py", plain="none")
+            done.append(Done(time.perf_counter(), outcome, ms))
 
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(
@@ -525,10 +517,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        col = datasets.trec_dl19(args.data)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"cpu_profile.py: {exc}") from None
+    col = datasets.trec_dl19_or_exit("cpu_profile.py", args.data)
     py_spy()
     flags = ["--rerank-top-k", str(TOP_K), "--rerank-device", "cpu"]
     if args.no_deadline:

@@ -71,6 +71,14 @@ def trec_dl19(root: Path = DEFAULT_ROOT) -> Collection:
     )
 
 
+def trec_dl19_or_exit(tool: str, root: Path = DEFAULT_ROOT) -> Collection:
+    """:func:`trec_dl19`, or the benchmark ``tool`` stops with one line saying what is missing."""
+    try:
+        return trec_dl19(root)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"{tool}: {exc}") from None
+
+
 def noveleval(root: Path = DEFAULT_ROOT) -> Collection:
     """NovelEval-2306: 21 questions on events after mid-2023, 20 judged web passages each."""
     folder = root / "noveleval"

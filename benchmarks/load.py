@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    col = datasets.trec_dl19(args.data)
+    col = datasets.trec_dl19_or_exit("load.py", args.data)
     cfg = RerankConfig(max_length=256, timeout_ms=args.timeout_ms)
     with tempfile.TemporaryDirectory() as tmp:
         before = baseline_proxy(args.before, Path(tmp))

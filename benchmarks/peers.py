@@ -370,10 +370,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/peers-<model>.json)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        col = datasets.trec_dl19(args.data)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"peers.py: {exc}") from None
+    col = datasets.trec_dl19_or_exit("peers.py", args.data)
     work = searches(dl19_pairs(col, args.pairs))
     load_before = load_average()
     print(f"{n_pairs(work)} pairs in {len(work)} searches; {machine()}\n{load_before}")

@@ -56,6 +56,7 @@ from benchmarks.common import (
     pct,
     peak_rss_mib,
     proxy_process,
+    timed_search,
 )
 from proxy.batch_cost import BatchLimits
 from proxy.config import RerankConfig
@@ -350,15 +351,8 @@ async def load(url: str, queries: Sequence[str], clients: int, total: int) -> di
 
     async def client(session: aiohttp.ClientSession) -> None:
         for i in counter:
-            body = {"query": {"match": {"text": queries[i % len(queries)]}}, "size": 10}
-            started = time.perf_counter()
-            async with session.post(f"{url}/{INDEX}/_search", json=body) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    raise SystemExit(f"throughput.py: a search answered {resp.status}")
-                status = resp.headers.get("X-Rerank-Status", "direct")
-                status += "/" + resp.headers.get("X-Rerank-Reason", "") if status == "skipped" else ""
-            latencies.append((time.perf_counter() - started) * 1000)
+            status, ms = await timed_search(session, url, INDEX, queries[i % len(queries)], "throughput.py")
+            latencies.append(ms)
             statuses[status] = statuses.get(status, 0) + 1
 
     connector = aiohttp.TCPConnector(limit=clients)
@@ -501,10 +495,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        col = datasets.trec_dl19(args.data)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"throughput.py: {exc}") from None
+    col = datasets.trec_dl19_or_exit("throughput.py", args.data)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder, described, label = model_folder(args.model, Path(tmp), list(col.corpus.values())[:2000])

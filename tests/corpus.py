@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 _TOPICS = [
@@ -69,3 +70,20 @@ def create_index(client: Any, name: str, docs: list[dict[str, Any]], **settings:
         client, ({"_index": name, "_id": d["id"], **{k: v for k, v in d.items() if k != "id"}} for d in docs)
     )
     client.indices.refresh(index=name)
+
+
+def index_fixture(*indices: tuple[Any, ...]) -> Any:
+    """A module's ``es`` fixture: a client of the session's server (``es_url``) once each index is
+    (re)created by :func:`create_index`; an index is ``(name, docs)`` or ``(name, docs, settings)``."""
+    import pytest
+    from elasticsearch import Elasticsearch
+
+    @pytest.fixture(scope="module", name="es")
+    def es(es_url: str) -> Iterator[Any]:
+        client = Elasticsearch(es_url)
+        for name, docs, *settings in indices:
+            create_index(client, name, docs, **(settings[0] if settings else {}))
+        yield client
+        client.close()
+
+    return es

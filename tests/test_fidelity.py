@@ -11,7 +11,7 @@ import gzip
 import json
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from elasticsearch import Elasticsearch
 from proxy import es_json
 
 from .conftest import ProxyThread, free_port, make_config
-from .corpus import DOCS, create_index
+from .corpus import DOCS, index_fixture
 from .servers import http as _raw
 from .tiny_model import reference_scores
 
@@ -54,14 +54,8 @@ def post(base: str, path: str, body: Any, **headers: str) -> tuple[int, dict[str
     return _raw(base + path, "POST", data, {"Content-Type": "application/json", **headers})
 
 
-@pytest.fixture(scope="module")
-def es(es_url: str) -> Iterator[Elasticsearch]:
-    client = Elasticsearch(es_url)
-    docs = [*DOCS, *UNTEXTED, ODD_VALUES]
-    create_index(client, INDEX, docs)
-    create_index(client, SMALL_WINDOW, docs, max_result_window=15)
-    yield client
-    client.close()
+INDEXED = [*DOCS, *UNTEXTED, ODD_VALUES]
+es = index_fixture((INDEX, INDEXED), (SMALL_WINDOW, INDEXED, {"max_result_window": 15}))
 
 
 def ids(data: dict[str, Any]) -> list[str]:

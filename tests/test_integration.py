@@ -15,7 +15,7 @@ import pytest
 from elasticsearch import AsyncElasticsearch, Elasticsearch, helpers
 
 from .conftest import ProxyThread
-from .corpus import DOCS, create_index
+from .corpus import DOCS, index_fixture
 from .servers import http as _raw
 from .tiny_model import reference_scores
 
@@ -26,12 +26,7 @@ QUERY = "coffee brewed with water"
 TOP_K = 20  # the session proxy's top_k
 
 
-@pytest.fixture(scope="module")
-def es(es_url: str) -> Iterator[Elasticsearch]:
-    client = Elasticsearch(es_url)
-    create_index(client, INDEX, DOCS)
-    yield client
-    client.close()
+es = index_fixture((INDEX, DOCS))
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from elasticsearch import Elasticsearch
 
 from .conftest import BLOCKED_LOOP_S, ProxyThread, make_config
-from .corpus import DOCS, create_index
+from .corpus import DOCS, index_fixture
 from .servers import http
 
 pytestmark = pytest.mark.integration
@@ -37,12 +37,7 @@ class BlockingScorer:
         pass
 
 
-@pytest.fixture(scope="module")
-def es(es_url: str) -> Iterator[Elasticsearch]:
-    client = Elasticsearch(es_url)
-    create_index(client, INDEX, DOCS)
-    yield client
-    client.close()
+es = index_fixture((INDEX, DOCS))
 
 
 def search(server: ProxyThread) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from proxy.request_record import (
 from proxy.scorer import EngineScorer
 
 from .conftest import ProxyThread, free_port
-from .corpus import DOCS, create_index
+from .corpus import DOCS, index_fixture
 from .servers import http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -327,12 +327,7 @@ INDEX = "rerank-metrics"
 MATCH = {"match": {"text": "coffee brewed with water"}}
 
 
-@pytest.fixture(scope="module")
-def es(es_url: str) -> Iterator[Elasticsearch]:
-    client = Elasticsearch(es_url)
-    create_index(client, INDEX, DOCS)
-    yield client
-    client.close()
+es = index_fixture((INDEX, DOCS))
 
 
 def real_scrape(proxy: ProxyThread) -> Samples:

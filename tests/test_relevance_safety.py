@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from elasticsearch import Elasticsearch
 
 from .conftest import ProxyThread, make_config
-from .corpus import DOCS, create_index
+from .corpus import DOCS, index_fixture
 from .servers import http
 from .tiny_model import reference_scores
 
@@ -30,12 +29,7 @@ QUERY = "coffee brewed with water"
 MATCH = {"match": {"text": QUERY}}
 
 
-@pytest.fixture(scope="module")
-def es(es_url: str) -> Iterator[Elasticsearch]:
-    client = Elasticsearch(es_url)
-    create_index(client, INDEX, DOCS)
-    yield client
-    client.close()
+es = index_fixture((INDEX, DOCS))
 
 
 def post(base: str, path: str, body: Any, **headers: str) -> tuple[int, dict[str, str], bytes]:

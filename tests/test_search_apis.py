@@ -18,7 +18,7 @@ import pytest
 from elasticsearch import Elasticsearch
 
 from .conftest import ProxyThread, make_config
-from .corpus import DOCS, create_index
+from .corpus import DOCS, index_fixture
 from .test_fidelity import _raw, post
 from .tiny_model import reference_scores
 
@@ -31,13 +31,7 @@ QUERY = "coffee brewed with water"
 MATCH = {"match": {"text": QUERY}}
 
 
-@pytest.fixture(scope="module")
-def es(es_url: str) -> Iterator[Elasticsearch]:
-    client = Elasticsearch(es_url)
-    create_index(client, INDEX, DOCS)
-    create_index(client, OTHER, [{"id": f"o{d['id']}", "text": d["title"]} for d in DOCS[:15]])
-    yield client
-    client.close()
+es = index_fixture((INDEX, DOCS), (OTHER, [{"id": f"o{d['id']}", "text": d["title"]} for d in DOCS[:15]]))
 
 
 def ids(data: dict[str, Any]) -> list[str]:

@@ -269,28 +269,19 @@ def _tls_pair(tmp_path: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def test_tls_key_of_another_certificate(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("cert_at", "key_at", "key", "why"),
+    [
+        (0, 2, "server.tls_key_file", "not the private key"),  # the key of another certificate
+        (1, 0, "server.tls_cert_file", "no PEM certificate"),  # the two files swapped
+    ],
+    ids=["key-of-another-certificate", "files-swapped"],
+)
+def test_tls_files_that_do_not_go_together(
+    tmp_path: Path, cert_at: int, key_at: int, key: str, why: str
+) -> None:
     """Found before any model loads, so a bad key costs a second, not a model download."""
-    cert, _, other_key = _tls_pair(tmp_path)
-    args = [
-        "--rerank-enabled",
-        "false",
-        "--server-tls-cert-file",
-        str(cert),
-        "--server-tls-key-file",
-        str(other_key),
-    ]
-    start_up_error(args, 2, "server.tls_key_file", str(other_key), "not the private key")
-
-
-def test_tls_files_swapped(tmp_path: Path) -> None:
-    cert, key, _ = _tls_pair(tmp_path)
-    args = [
-        "--rerank-enabled",
-        "false",
-        "--server-tls-cert-file",
-        str(key),
-        "--server-tls-key-file",
-        str(cert),
-    ]
-    start_up_error(args, 2, "server.tls_cert_file", str(key), "no PEM certificate")
+    paths = _tls_pair(tmp_path)
+    cert, private = str(paths[cert_at]), str(paths[key_at])
+    args = ["--rerank-enabled", "false", "--server-tls-cert-file", cert, "--server-tls-key-file", private]
+    start_up_error(args, 2, key, cert if key == "server.tls_cert_file" else private, why)
